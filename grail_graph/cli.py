@@ -1,0 +1,180 @@
+"""The `grail-opt` command line: compress one or many ONNX models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from grail_graph.core import SELECTORS
+from grail_graph.data import IMAGENET_MEAN, IMAGENET_STD, ImageOptions
+from grail_graph.driver import JobOptions, compress_file, default_pipeline
+from grail_graph.errors import GrailError
+from grail_graph.passes import describe_passes
+from grail_graph.passes.transform import COMPENSATIONS
+from grail_graph.report import format_batch_table, format_summary
+
+EXIT_USAGE = 2
+EXIT_SOME_FAILED = 1
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="grail-opt",
+        description="Remove hidden channels from ONNX models and compensate the consumers "
+        "with a closed-form ridge fit on unlabeled calibration data (GRAIL).",
+    )
+    parser.add_argument("models", nargs="*", type=Path, help="ONNX model files")
+    parser.add_argument("-o", "--output", type=Path, help="output model path (one input model)")
+    parser.add_argument("--out-dir", type=Path, help="output folder; each model is written as NAME.grail.onnx")
+    data = parser.add_argument_group("data")
+    data.add_argument("--calib", type=Path, help=".npz keyed by input name, .npy, or a folder of images")
+    data.add_argument("--eval", type=Path, help="held-out data in the same formats; .npz may add 'labels', "
+                      "image folders with class subfolders give labels. Default: 1/8 of --calib is held out")
+    data.add_argument("--image-size", type=int, help="square image side in pixels (default: the model's input size)")
+    data.add_argument("--mean", type=_floats, default=IMAGENET_MEAN, help="per-channel mean after scaling to [0, 1]")
+    data.add_argument("--std", type=_floats, default=IMAGENET_STD, help="per-channel std after scaling to [0, 1]")
+    method = parser.add_argument_group("method")
+    method.add_argument("--sparsity", type=float, default=0.5, help="fraction of each group's channels removed, in [0, 1)")
+    method.add_argument("--selector", choices=SELECTORS, default="wanda", help="channel selector")
+    method.add_argument("--compensation", choices=COMPENSATIONS, default="ridge",
+                        help="ridge: GRAIL closed form; none: plain slicing")
+    method.add_argument("--alpha", type=float, default=1e-3, help="ridge strength relative to mean(diag(G))")
+    method.add_argument("--multiple", type=int, default=1, help="round kept widths to a multiple of this")
+    method.add_argument("--seed", type=int, default=0, help="seed of the random selector")
+    method.add_argument("--samples", type=int, default=0, help="calibration samples to use; 0 uses all")
+    method.add_argument("--batch-size", type=int, default=64, help="samples per ONNX Runtime run")
+    method.add_argument("--pipeline", help="pass pipeline text; replaces the method options above")
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device")
+    run.add_argument("--no-validate", action="store_true", help="skip the comparison in ONNX Runtime")
+    run.add_argument("--latency-runs", type=int, default=50, help="timed runs per model; 0 skips timing")
+    run.add_argument("--no-verify-each", action="store_true", help="do not run the ONNX checker after each pass")
+    run.add_argument("--report", type=Path, help="write the full report as JSON to this file")
+    run.add_argument("--list-passes", action="store_true", help="list the passes and their options, then exit")
+    run.add_argument("--print-pipeline", action="store_true", help="print the pipeline text, then exit")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
+    run.add_argument("-v", "--verbose", action="store_true", help="log each pass and declined group")
+    return parser
+
+
+def _pipeline_text(args: argparse.Namespace) -> str:
+    if args.pipeline:
+        return args.pipeline
+    return default_pipeline(
+        sparsity=args.sparsity,
+        selector=args.selector,
+        compensation=args.compensation,
+        alpha=args.alpha,
+        multiple=args.multiple,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        samples=args.samples,
+        validate=not args.no_validate,
+        latency_runs=args.latency_runs,
+    )
+
+
+def _outputs(args: argparse.Namespace) -> list[Path]:
+    if args.output is not None and args.out_dir is not None:
+        raise GrailError("both -o and --out-dir were given", "Use -o for one model or --out-dir for several.")
+    if args.output is not None:
+        if len(args.models) != 1:
+            raise GrailError(f"-o names one output but {len(args.models)} models were given", "Use --out-dir.")
+        return [args.output]
+    if args.out_dir is None:
+        raise GrailError("no output path given", "Add -o OUTPUT.onnx, or --out-dir FOLDER for several models.")
+    names = [model.name.removesuffix(".onnx") + ".grail.onnx" for model in args.models]
+    if len(set(names)) != len(names):
+        raise GrailError("two input models have the same file name", "Convert them in separate calls.")
+    return [args.out_dir / name for name in names]
+
+
+def write_json(path: Path, content: Any) -> None:
+    """Write JSON atomically: a temporary file in the same folder, then a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".grail-", suffix=".json", delete=False) as file:
+        json.dump(content, file, indent=2, default=str)
+    os.replace(file.name, path)
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    if not 0.0 <= args.sparsity < 1.0:
+        raise GrailError(f"--sparsity {args.sparsity} is outside [0, 1)", "Pass a fraction such as 0.3.")
+    if args.image_size is not None and args.image_size < 1:
+        raise GrailError(f"--image-size {args.image_size} must be a positive number of pixels")
+    if len(args.mean) != len(args.std):
+        raise GrailError(f"--mean has {len(args.mean)} values but --std has {len(args.std)}")
+    if any(s <= 0 for s in args.std):
+        raise GrailError(f"--std {args.std} must be positive")
+    if not args.models:
+        raise GrailError("no model given", "Pass one or more ONNX files, for example: grail-opt model.onnx -o small.onnx")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_options(args)
+    outputs = _outputs(args)
+    options = JobOptions(
+        pipeline=_pipeline_text(args),
+        calib=args.calib,
+        eval=args.eval,
+        images=ImageOptions(args.image_size, args.mean, args.std),
+        device=args.device,
+        show_progress=not args.quiet and sys.stderr.isatty(),
+        verify_each=not args.no_verify_each,
+    )
+    single = len(args.models) == 1
+    reports = []
+    for model, output in zip(args.models, outputs):
+        try:
+            report = compress_file(model, output, options)
+        except GrailError:
+            if single:
+                raise
+            report = {"model": str(model), "output": None, "error": str(sys.exc_info()[1])}
+        except Exception as error:  # one broken model must not stop a batch
+            if single:
+                raise
+            logging.getLogger(__name__).exception("compressing %s failed", model)
+            report = {"model": str(model), "output": None, "error": f"{type(error).__name__}: {error}"}
+        reports.append(report)
+        if not args.quiet and "error" not in report:
+            print(format_summary(report))
+    if args.report is not None:
+        write_json(args.report, reports[0] if single else {"models": reports})
+    if not single:
+        print(format_batch_table(reports))
+    return EXIT_SOME_FAILED if any("error" in report for report in reports) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.list_passes:
+        print(describe_passes())
+        return 0
+    try:
+        if args.print_pipeline:
+            print(_pipeline_text(args))
+            return 0
+        return run(args)
+    except GrailError as error:
+        print(f"grail-opt: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

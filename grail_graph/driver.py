@@ -1,0 +1,142 @@
+"""One compression job: (model file, data, options) -> (output file, report).
+
+The job is a pure function of its arguments, so batch conversion is a loop over it and
+could run one job per worker process without change.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from grail_graph.data import Dataset, ImageOptions, InputSpec, load_dataset
+from grail_graph.errors import GrailError
+from grail_graph.onnx_frontend.frontend import OnnxFrontEnd
+from grail_graph.passes import CompressionState, parse_pipeline, print_pipeline, run_pipeline
+
+logger = logging.getLogger(__name__)
+
+# Without --eval, this fraction of the calibration samples is held out for validation.
+HOLDOUT_FRACTION = 0.125
+
+
+def tool_version() -> str:
+    try:
+        return metadata.version("grail-opt")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def default_pipeline(
+    *,
+    sparsity: float = 0.5,
+    selector: str = "wanda",
+    compensation: str = "ridge",
+    alpha: float = 1e-3,
+    multiple: int = 1,
+    seed: int = 0,
+    batch_size: int = 64,
+    samples: int = 0,
+    validate: bool = True,
+    latency_runs: int = 50,
+) -> str:
+    """Return the canonical pipeline text for the common command-line options."""
+    needs_stats = compensation == "ridge" or selector in ("wanda", "gram")
+    parts = ["find-groups"]
+    if needs_stats:
+        parts.append(f"calibrate{{batch-size={batch_size} samples={samples}}}")
+    parts.append(f"select{{method={selector} sparsity={sparsity!r} multiple={multiple} seed={seed}}}")
+    parts.append(f"compensate{{method={compensation} alpha={alpha!r}}}")
+    parts.append("rewrite")
+    if validate:
+        parts.append(f"validate{{batch-size={batch_size} latency-runs={latency_runs}}}")
+    return print_pipeline(parse_pipeline(",".join(parts)))
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Everything a compression job needs besides the model and output paths."""
+
+    pipeline: str = field(default_factory=default_pipeline)
+    calib: Path | None = None
+    eval: Path | None = None
+    images: ImageOptions = ImageOptions()
+    device: str = "auto"
+    show_progress: bool = False
+    verify_each: bool = True
+
+
+def _load_data(options: JobOptions, specs: list[InputSpec]) -> tuple[Dataset | None, Dataset | None, str]:
+    calibration = None if options.calib is None else load_dataset(options.calib, specs, options.images, "calibration")
+    if options.eval is not None:
+        evaluation = load_dataset(options.eval, specs, options.images, "evaluation")
+        return calibration, evaluation, f"{len(evaluation)} samples from {options.eval}"
+    if calibration is None:
+        return None, None, "none"
+    holdout = int(len(calibration) * HOLDOUT_FRACTION)
+    if holdout == 0:
+        return calibration, None, "none"
+    kept = len(calibration) - holdout
+    note = f"last {holdout} of {len(calibration)} calibration samples, held out from calibration"
+    return calibration.subset(0, kept), calibration.subset(kept), note
+
+
+def compress_file(model_path: str | Path, output_path: str | Path, options: JobOptions) -> dict[str, Any]:
+    """Compress one ONNX model file, write the result atomically and return the report."""
+    model_path, output_path = Path(model_path), Path(output_path)
+    if output_path.resolve() == model_path.resolve():
+        raise GrailError(f"output path {str(output_path)!r} is the input model", "Choose another path with -o.")
+    passes = parse_pipeline(options.pipeline)
+    frontend = OnnxFrontEnd.load(model_path, options.device)
+    specs = [InputSpec(name, dtype, shape) for name, dtype, shape in frontend.input_specs()]
+    calibration, evaluation, evaluation_note = _load_data(options, specs)
+
+    state = CompressionState(
+        frontend=frontend,
+        calibration=calibration,
+        evaluation=evaluation,
+        reference_model=str(model_path),
+        device=options.device,
+        show_progress=options.show_progress,
+    )
+    records = run_pipeline(passes, state, verify_each=options.verify_each)
+    if not state.groups:
+        reasons = "; ".join(f"{d.candidate}: {d.reason}" for d in state.declined) or "no Conv, Gemm or MatMul with constant weights"
+        raise GrailError(f"{model_path} has no compressible channel group ({reasons})")
+
+    pipeline_text = print_pipeline(passes)
+    frontend.set_metadata("grail_opt.pipeline", pipeline_text)
+    frontend.set_metadata("grail_opt.version", tool_version())
+    written = frontend.save(output_path)
+    return {
+        "model": str(model_path),
+        "output": str(output_path),
+        "files": [str(path) for path in written],
+        "version": tool_version(),
+        "pipeline": pipeline_text,
+        "evaluation_data": evaluation_note,
+        "passes": records,
+        "groups": [_group_record(state, group) for group in state.groups],
+        "declined": [{"candidate": d.candidate, "reason": d.reason} for d in state.declined],
+        "validation": state.validation,
+    }
+
+
+def _group_record(state: CompressionState, group) -> dict[str, Any]:
+    plan = state.plans.get(group.name)
+    record = {
+        "name": group.name,
+        "width": group.width,
+        "kept": group.width if plan is None else len(plan.keep),
+        "verdict": state.verdicts.get(group.name, "found"),
+        "producers": [ref.node for ref in group.producers],
+        "consumers": [ref.node for ref in group.consumers],
+    }
+    if plan is not None:
+        record.update(plan.statistics)
+    return record
+
+

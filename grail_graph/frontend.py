@@ -1,0 +1,53 @@
+"""The interface that every front end implements, so that each pass is written once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from grail_graph.core import GramAccumulator
+from grail_graph.groups import ChannelGroup, Declined
+
+Batch = Mapping[str, np.ndarray]
+
+
+@dataclass
+class GroupPlan:
+    """The kept channels of one group and the map its consumers absorb.
+
+    `keep` holds sorted indices, shape (K,). `consumer_map` is B, shape (H, K): every
+    consumer weight W in canonical (O, H, ...) orientation becomes W B.
+    """
+
+    group: ChannelGroup
+    keep: np.ndarray
+    consumer_map: np.ndarray
+    statistics: dict[str, float] = field(default_factory=dict)
+
+
+class FrontEnd(Protocol):
+    """A model in its own graph library, seen through the operations the passes need.
+
+    Weights cross this boundary in one canonical orientation: producers as (H, ...) with
+    the hidden channel first, consumers as (O, H, ...) with the hidden channel second.
+    """
+
+    def find_groups(self) -> tuple[list[ChannelGroup], list[Declined]]: ...
+
+    def producer_weights(self, group: ChannelGroup) -> list[np.ndarray]: ...
+
+    def consumer_weights(self, group: ChannelGroup) -> list[np.ndarray]: ...
+
+    def calibrate(
+        self,
+        groups: list[ChannelGroup],
+        batches: Iterable[Batch],
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, GramAccumulator]: ...
+
+    def apply(self, plans: list[GroupPlan]) -> None: ...
+
+    def verify(self) -> None: ...

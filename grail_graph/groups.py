@@ -1,0 +1,48 @@
+"""The channel-group record that crosses from a front end to the passes.
+
+A group is a hidden dimension of width H. Producers write it (their output-channel axis),
+channel-wise ops carry it (their per-channel tensors are narrowed with it), and consumers
+read it (their input-channel axis). The record names weights by (node, input index, axis)
+so it holds no object of either graph library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WeightRef:
+    """One weight tensor of a group: input `input` of node `node`, hidden axis `axis`."""
+
+    node: str
+    input: int
+    axis: int
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """A compressible hidden dimension and every tensor that changes with it."""
+
+    name: str
+    width: int
+    tap: str
+    """Value that all consumers read; its Gram is recorded during calibration."""
+    channels_last: bool
+    """True when the hidden axis is the last one (Linear/MatMul), False for NCHW (Conv)."""
+    producers: tuple[WeightRef, ...]
+    narrowed: tuple[WeightRef, ...]
+    """Biases, BatchNorm tensors, per-channel constants and depthwise weights."""
+    consumers: tuple[WeightRef, ...]
+    width_attributes: tuple[tuple[str, str], ...] = ()
+    """(node, attribute) pairs set to the kept width, such as a depthwise Conv's `group`."""
+    values: tuple[str, ...] = ()
+    """Hidden values whose shapes change when the group is narrowed."""
+
+
+@dataclass(frozen=True)
+class Declined:
+    """A candidate that was not compressed, with the reason."""
+
+    candidate: str
+    reason: str

@@ -1,0 +1,121 @@
+"""The ONNX front end: an `ir.Model` seen through the `FrontEnd` interface."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass, ShapeInferencePass
+
+from grail_graph.core import GramAccumulator
+from grail_graph.errors import GrailError, UnsupportedModelError
+from grail_graph.frontend import Batch, GroupPlan
+from grail_graph.groups import ChannelGroup, Declined
+from grail_graph.onnx_frontend import calibration, matcher
+from grail_graph.onnx_frontend.model_io import (
+    PROTOBUF_LIMIT_BYTES,
+    load_model,
+    model_size_bytes,
+    save_model,
+)
+from grail_graph.onnx_frontend.rewrite import GraphRewriter, to_canonical_consumer, to_canonical_producer
+
+logger = logging.getLogger(__name__)
+
+
+class OnnxFrontEnd:
+    """An ONNX model loaded with onnx-ir, compressed in place."""
+
+    def __init__(self, model: ir.Model, source: Path | None = None, device: str = "auto") -> None:
+        self.model = model
+        self.source = source
+        self.device = device
+        self._nodes: dict[str, ir.Node] | None = None
+        NameFixPass()(model)  # the matcher and the group records address nodes by name
+        try:
+            ShapeInferencePass()(model)
+        except Exception as error:  # shape inference is advisory here
+            logger.warning("ONNX shape inference failed, continuing without it: %s", error)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto") -> OnnxFrontEnd:
+        return cls(load_model(path), Path(path), device)
+
+    # Inputs -----------------------------------------------------------------------------
+
+    def input_specs(self) -> list[tuple[str, np.dtype, tuple[int | None, ...]]]:
+        """Return (name, dtype, shape) of each graph input; None marks a dynamic dimension."""
+        specs = []
+        for value in self.model.graph.inputs:
+            if value.is_initializer():
+                continue
+            dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+            shape = tuple(d if isinstance(d, int) else None for d in value.shape) if value.shape else ()
+            specs.append((value.name, dtype, shape))
+        return specs
+
+    # FrontEnd interface -------------------------------------------------------------------
+
+    def find_groups(self) -> tuple[list[ChannelGroup], list[Declined]]:
+        return matcher.find_groups(self.model.graph)
+
+    def _weight(self, node_name: str, index: int) -> np.ndarray:
+        if self._nodes is None:
+            self._nodes = {node.name: node for node in self.model.graph}
+        return matcher.constant_array(self._nodes[node_name].inputs[index])
+
+    def producer_weights(self, group: ChannelGroup) -> list[np.ndarray]:
+        return [to_canonical_producer(self._weight(r.node, r.input), r.axis) for r in group.producers]
+
+    def consumer_weights(self, group: ChannelGroup) -> list[np.ndarray]:
+        return [to_canonical_consumer(self._weight(r.node, r.input), r.axis) for r in group.consumers]
+
+    def _hidden_ranks(self, groups: list[ChannelGroup]) -> dict[str, int | None]:
+        ranks = {}
+        for group in groups:
+            weight = self._weight(group.consumers[0].node, group.consumers[0].input)
+            ranks[group.name] = None if group.channels_last else weight.ndim
+        return ranks
+
+    def calibrate(
+        self,
+        groups: list[ChannelGroup],
+        batches: Iterable[Batch],
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, GramAccumulator]:
+        return calibration.calibrate(
+            self.model, groups, self._hidden_ranks(groups), batches, device=self.device, progress=progress
+        )
+
+    def apply(self, plans: list[GroupPlan]) -> None:
+        GraphRewriter(self.model).apply(plans)
+        self._nodes = None
+
+    def verify(self) -> None:
+        """Run the ONNX checker with strict shape inference on the current model."""
+        try:
+            if model_size_bytes(self.model) < PROTOBUF_LIMIT_BYTES // 2:
+                onnx.checker.check_model(ir.to_proto(self.model), full_check=True)
+                return
+            with tempfile.TemporaryDirectory(prefix="grail-verify-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                save_model(self.model, path)
+                onnx.checker.check_model(str(path), full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+            raise GrailError(f"the rewritten model fails the ONNX checker: {error}") from error
+
+    # Output -----------------------------------------------------------------------------
+
+    def set_metadata(self, key: str, value: str) -> None:
+        self.model.metadata_props[key] = value
+
+    def save(self, path: str | os.PathLike) -> list[Path]:
+        guard = (self.source,) if self.source is not None else ()
+        return save_model(self.model, path, overwrite_guard=guard)
+

@@ -1,0 +1,88 @@
+"""Rewrite an ONNX graph to the narrowed widths of a set of group plans."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+
+from grail_graph.core import absorb
+from grail_graph.frontend import GroupPlan
+from grail_graph.onnx_frontend.matcher import constant_array
+
+
+def to_canonical_consumer(weight: np.ndarray, axis: int) -> np.ndarray:
+    """Move a consumer weight's hidden axis to position 1: (O, H, ...)."""
+    return np.moveaxis(weight, axis, 1)
+
+
+def from_canonical_consumer(weight: np.ndarray, axis: int) -> np.ndarray:
+    """Undo `to_canonical_consumer`."""
+    return np.moveaxis(weight, 1, axis)
+
+
+def to_canonical_producer(weight: np.ndarray, axis: int) -> np.ndarray:
+    """Move a producer weight's hidden axis to position 0: (H, ...)."""
+    return np.moveaxis(weight, axis, 0)
+
+
+class GraphRewriter:
+    """Narrow producers and compensate consumers of an `ir.Model` in place."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.nodes = {node.name: node for node in self.graph}
+        self.values = {value.name: value for node in self.graph for value in node.outputs}
+
+    def apply(self, plans: list[GroupPlan]) -> None:
+        for plan in plans:
+            self._apply_plan(plan)
+        RemoveUnusedNodesPass()(self.model)
+        ShapeInferencePass()(self.model)
+
+    def _apply_plan(self, plan: GroupPlan) -> None:
+        group = plan.group
+        keep = np.asarray(plan.keep, dtype=np.int64)
+        for ref in (*group.producers, *group.narrowed):
+            node = self.nodes[ref.node]
+            weight = constant_array(node.inputs[ref.input])
+            self._set_constant(node, ref.input, np.take(weight, keep, axis=ref.axis))
+        for ref in group.consumers:
+            node = self.nodes[ref.node]
+            weight = constant_array(node.inputs[ref.input])
+            compensated = absorb(to_canonical_consumer(weight, ref.axis), plan.consumer_map)
+            self._set_constant(node, ref.input, from_canonical_consumer(compensated, ref.axis))
+        for node_name, attribute in group.width_attributes:
+            self.nodes[node_name].attributes[attribute] = ir.AttrInt64(attribute, len(keep))
+        for name in group.values:
+            # Stale shapes would contradict the new widths; shape inference refills them.
+            self.values[name].shape = None
+
+    def _set_constant(self, node: ir.Node, index: int, array: np.ndarray) -> None:
+        """Give input `index` of `node` the new tensor, without touching other users."""
+        old = node.inputs[index]
+        array = np.ascontiguousarray(array)
+        sole_initializer = (
+            old.is_initializer() and len(old.uses()) == 1 and not old.is_graph_input()
+        )
+        if sole_initializer:
+            old.const_value = ir.tensor(array, name=old.name)
+            old.shape = ir.Shape(array.shape)
+            return
+        name = self._unique_name(f"{old.name}_narrowed")
+        new = ir.Value(
+            name=name,
+            shape=ir.Shape(array.shape),
+            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+            const_value=ir.tensor(array, name=name),
+        )
+        self.graph.register_initializer(new)
+        node.replace_input_with(index, new)
+
+    def _unique_name(self, base: str) -> str:
+        taken = set(self.graph.initializers) | set(self.values)
+        name, suffix = base, 1
+        while name in taken:
+            name, suffix = f"{base}_{suffix}", suffix + 1
+        return name

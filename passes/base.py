@@ -1,0 +1,98 @@
+"""Pass infrastructure: a registry of named passes with typed options and statistics.
+
+A pass is a class with a `name`, a one-line `summary` and an `Options` dataclass whose
+fields are its options (defaults included). `run(state)` returns a `PassResult` that says
+whether the model changed and carries the pass's statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from grail_graph.core import GramAccumulator
+from grail_graph.data import Dataset
+from grail_graph.errors import GrailError
+from grail_graph.frontend import FrontEnd, GroupPlan
+from grail_graph.groups import ChannelGroup, Declined
+
+
+@dataclass
+class CompressionState:
+    """Everything the passes of one pipeline read and write."""
+
+    frontend: FrontEnd
+    calibration: Dataset | None = None
+    evaluation: Dataset | None = None
+    reference_model: str | None = None
+    """Path of the uncompressed ONNX model that `validate` compares against."""
+    device: str = "auto"
+    show_progress: bool = False
+    groups: list[ChannelGroup] = field(default_factory=list)
+    declined: list[Declined] = field(default_factory=list)
+    stats: dict[str, GramAccumulator] = field(default_factory=dict)
+    keeps: dict[str, np.ndarray] = field(default_factory=dict)
+    plans: dict[str, GroupPlan] = field(default_factory=dict)
+    verdicts: dict[str, str] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    def require(self, what: str, present: bool, pass_name: str, fix: str) -> None:
+        if not present:
+            raise GrailError(f"pass '{pass_name}' needs {what}", fix)
+
+
+@dataclass
+class PassResult:
+    """Whether a pass changed the model, and the numbers it reports."""
+
+    changed: bool
+    statistics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Options of a pass that has none."""
+
+
+class Pass(ABC):
+    """One named step of a compression pipeline."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any | None = None) -> None:
+        self.options = options if options is not None else self.Options()
+
+    @abstractmethod
+    def run(self, state: CompressionState) -> PassResult: ...
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.options == other.options
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.options!r})"
+
+
+PASSES: dict[str, type[Pass]] = {}
+
+
+def register(cls: type[Pass]) -> type[Pass]:
+    """Class decorator that makes a pass available by name in pipeline text."""
+    if cls.name in PASSES:
+        raise ValueError(f"pass name {cls.name!r} is registered twice")
+    PASSES[cls.name] = cls
+    return cls
+
+
+def option_fields(options_cls: type) -> list[dataclasses.Field]:
+    return list(dataclasses.fields(options_cls))
+
+
+def option_name(field_name: str) -> str:
+    """Spell a dataclass field as a pipeline option: `batch_size` -> `batch-size`."""
+    return field_name.replace("_", "-")

@@ -1,0 +1,183 @@
+"""The passes that find, measure, select, compensate and rewrite channel groups."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm import tqdm
+
+from grail_graph.core import (
+    SELECTORS,
+    kept_width,
+    prune_map,
+    relative_reconstruction_error,
+    select_channels,
+    slice_map,
+)
+from grail_graph.frontend import GroupPlan
+from grail_graph.passes.base import CompressionState, NoOptions, Pass, PassResult, register
+
+logger = logging.getLogger(__name__)
+
+COMPENSATIONS = ("ridge", "none")
+
+
+@register
+class FindGroups(Pass):
+    name = "find-groups"
+    summary = "Match compressible channel groups; record a reason for every declined candidate."
+    Options = NoOptions
+
+    def run(self, state: CompressionState) -> PassResult:
+        state.groups, state.declined = state.frontend.find_groups()
+        for declined in state.declined:
+            state.verdicts[declined.candidate] = f"skipped: {declined.reason}"
+            logger.info("declined %s: %s", declined.candidate, declined.reason)
+        width = sum(group.width for group in state.groups)
+        return PassResult(False, {"groups": len(state.groups), "declined": len(state.declined), "channels": width})
+
+
+@dataclass(frozen=True)
+class CalibrateOptions:
+    batch_size: int = field(default=64, metadata={"help": "samples per ONNX Runtime run"})
+    samples: int = field(default=0, metadata={"help": "calibration samples to use; 0 uses all"})
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch-size must be >= 1, got {self.batch_size}")
+        if self.samples < 0:
+            raise ValueError(f"samples must be >= 0, got {self.samples}")
+
+
+@register
+class Calibrate(Pass):
+    name = "calibrate"
+    summary = "Record the Gram matrix of every group's consumer input on unlabeled data."
+    Options = CalibrateOptions
+
+    def run(self, state: CompressionState) -> PassResult:
+        state.require("calibration data", state.calibration is not None, self.name, "Pass --calib FILE_OR_FOLDER.")
+        data = state.calibration
+        if self.options.samples:
+            data = data.subset(0, self.options.samples)
+        with tqdm(total=len(data), unit="sample", desc="calibrate", disable=not state.show_progress) as bar:
+            state.stats = state.frontend.calibrate(state.groups, data.batches(self.options.batch_size), bar.update)
+        return PassResult(False, {"samples": len(data), "groups": len(state.stats)})
+
+
+@dataclass(frozen=True)
+class SelectOptions:
+    method: str = field(default="wanda", metadata={"help": f"channel selector: {', '.join(SELECTORS)}"})
+    sparsity: float = field(default=0.5, metadata={"help": "fraction of each group's channels removed, in [0, 1)"})
+    multiple: int = field(default=1, metadata={"help": "round kept widths to a multiple of this"})
+    seed: int = field(default=0, metadata={"help": "seed of the random selector"})
+
+    def __post_init__(self) -> None:
+        if self.method not in SELECTORS:
+            raise ValueError(f"method {self.method!r} is not one of {', '.join(SELECTORS)}")
+        if not 0.0 <= self.sparsity < 1.0:
+            raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
+        if self.multiple < 1:
+            raise ValueError(f"multiple must be >= 1, got {self.multiple}")
+
+
+@register
+class Select(Pass):
+    name = "select"
+    summary = "Choose the channels each group keeps."
+    Options = SelectOptions
+
+    def run(self, state: CompressionState) -> PassResult:
+        options = self.options
+        needs_gram = options.method in ("wanda", "gram")
+        state.require(
+            "Gram statistics", not needs_gram or bool(state.stats) or not state.groups, self.name,
+            "Run 'calibrate' before 'select', or use select{method=magnitude}.",
+        )  # fmt: skip
+        state.keeps = {}
+        removed = 0
+        for group in state.groups:
+            k = kept_width(group.width, options.sparsity, options.multiple)
+            stats = state.stats.get(group.name)
+            state.keeps[group.name] = select_channels(
+                options.method,
+                k,
+                gram=None if stats is None else stats.gram,
+                producers=state.frontend.producer_weights(group),
+                consumers=state.frontend.consumer_weights(group),
+                seed=options.seed,
+            )
+            removed += group.width - k
+        return PassResult(False, {"channels_removed": removed})
+
+
+@dataclass(frozen=True)
+class CompensateOptions:
+    method: str = field(default="ridge", metadata={"help": "ridge (GRAIL closed form) or none (plain slicing)"})
+    alpha: float = field(default=1e-3, metadata={"help": "ridge strength relative to mean(diag(G[P, P]))"})
+
+    def __post_init__(self) -> None:
+        if self.method not in COMPENSATIONS:
+            raise ValueError(f"method {self.method!r} is not one of {', '.join(COMPENSATIONS)}")
+        if not (self.alpha >= 0.0 and np.isfinite(self.alpha)):
+            raise ValueError(f"alpha must be a finite number >= 0, got {self.alpha}")
+
+
+@register
+class Compensate(Pass):
+    name = "compensate"
+    summary = "Solve each group's consumer map B (ridge) or use plain slicing."
+    Options = CompensateOptions
+
+    def run(self, state: CompressionState) -> PassResult:
+        options = self.options
+        ridge = options.method == "ridge"
+        state.require(
+            "Gram statistics", not ridge or bool(state.stats) or not state.groups, self.name,
+            "Run 'calibrate' before 'compensate', or use compensate{method=none}.",
+        )  # fmt: skip
+        state.require("a selection", bool(state.keeps) or not state.groups, self.name, "Run 'select' first.")
+        state.plans = {}
+        errors_sliced, errors_final = [], []
+        for group in state.groups:
+            keep = state.keeps[group.name]
+            if len(keep) == group.width:
+                continue  # nothing removed, so the group stays exactly as it is
+            stats = state.stats.get(group.name)
+            b = prune_map(stats.gram, keep, options.alpha) if ridge else slice_map(group.width, keep)
+            plan = GroupPlan(group, keep, b)
+            if stats is not None:
+                consumers = state.frontend.consumer_weights(group)
+                sliced = relative_reconstruction_error(stats.gram, consumers, slice_map(group.width, keep), keep)
+                final = relative_reconstruction_error(stats.gram, consumers, b, keep)
+                plan.statistics = {"relative_error_sliced": sliced, "relative_error": final}
+                errors_sliced.append(sliced)
+                errors_final.append(final)
+            state.plans[group.name] = plan
+        statistics = {"groups": len(state.plans), "method": options.method}
+        if errors_final:
+            statistics["mean_relative_error_sliced"] = float(np.mean(errors_sliced))
+            statistics["mean_relative_error"] = float(np.mean(errors_final))
+        return PassResult(False, statistics)
+
+
+@register
+class Rewrite(Pass):
+    name = "rewrite"
+    summary = "Narrow producers and absorb B into consumers: a physically smaller graph."
+    Options = NoOptions
+
+    def run(self, state: CompressionState) -> PassResult:
+        plans = list(state.plans.values())
+        for group in state.groups:
+            plan = state.plans.get(group.name)
+            if plan is None:
+                state.verdicts[group.name] = f"unchanged: all {group.width} channels kept"
+            else:
+                state.verdicts[group.name] = f"compressed: {group.width} -> {len(plan.keep)} channels"
+        if plans:
+            state.frontend.apply(plans)
+        removed = sum(plan.group.width - len(plan.keep) for plan in plans)
+        return PassResult(bool(plans), {"groups_rewritten": len(plans), "channels_removed": removed})
