@@ -8,6 +8,7 @@ them.
 from __future__ import annotations
 
 import math
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,8 +94,10 @@ def _read_npz(path: Path, specs: Sequence[InputSpec], role: str) -> tuple[dict[s
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
-    except (OSError, ValueError) as error:
-        raise DataError(f"{role} data {str(path)!r} is not a readable .npz file ({error})") from error
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise DataError(
+            f"{role} data {str(path)!r} is not a readable .npz file ({error})", "Write it with numpy.savez."
+        ) from error
     labels = arrays.pop(LABELS_KEY, None)
     expected = [spec.name for spec in specs]
     unknown = sorted(set(arrays) - set(expected))
@@ -117,8 +120,10 @@ def _read_npy(path: Path, specs: Sequence[InputSpec], role: str) -> tuple[dict[s
         )
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise DataError(f"{role} data {str(path)!r} is not a readable .npy file ({error})") from error
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(
+            f"{role} data {str(path)!r} is not a readable .npy file ({error})", "Write it with numpy.save."
+        ) from error
     return {specs[0].name: array}, None
 
 
@@ -137,22 +142,31 @@ def check_arrays(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec], sour
         where = f"{source}: input '{spec.name}'"
         if array.ndim != len(spec.shape) and spec.shape:
             raise DataError(
-                f"{where} has shape {array.shape}, but the model expects rank {len(spec.shape)} {_show(spec.shape)}"
+                f"{where} has shape {array.shape}, but the model expects rank {len(spec.shape)} {_show(spec.shape)}",
+                "Stack the samples on a leading batch axis.",
             )
         for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
             if want is not None and got != want and axis > 0:
-                raise DataError(f"{where} has shape {array.shape}, but the model expects {_show(spec.shape)}")
+                raise DataError(
+                    f"{where} has shape {array.shape}, but the model expects {_show(spec.shape)}",
+                    "Preprocess the samples to the model's input shape.",
+                )
         checked[spec.name] = _cast(array, spec.dtype, where)
         sizes.add(array.shape[0] if array.ndim else 0)
     if len(sizes) != 1 or 0 in sizes:
-        raise DataError(f"{source}: inputs must share a non-zero number of samples on axis 0, got {sorted(sizes)}")
+        raise DataError(
+            f"{source}: inputs must share a non-zero number of samples on axis 0, got {sorted(sizes)}",
+            "Save at least one sample, and the same number for every input.",
+        )
     return checked
 
 
 def _cast(array: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
     if np.issubdtype(dtype, np.floating):
         if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-            raise DataError(f"{where} has dtype {array.dtype}, but the model expects {dtype}")
+            raise DataError(
+                f"{where} has dtype {array.dtype}, but the model expects {dtype}", f"Save the array as {dtype}."
+            )
         bad = ~np.isfinite(array)
         if bad.any():
             first = np.unravel_index(int(np.argmax(bad)), array.shape)
@@ -165,7 +179,9 @@ def _cast(array: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
         return array.astype(dtype, copy=False)
     if dtype == np.bool_ and array.dtype == np.bool_:
         return array
-    raise DataError(f"{where} has dtype {array.dtype}, but the model expects {dtype}")
+    raise DataError(
+        f"{where} has dtype {array.dtype}, but the model expects {dtype}", f"Save the array as {dtype}."
+    )
 
 
 def _show(shape: tuple[int | None, ...]) -> str:

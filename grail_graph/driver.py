@@ -89,6 +89,8 @@ def compress_file(model_path: str | Path, output_path: str | Path, options: JobO
     model_path, output_path = Path(model_path), Path(output_path)
     if output_path.resolve() == model_path.resolve():
         raise GrailError(f"output path {str(output_path)!r} is the input model", "Choose another path with -o.")
+    if output_path.is_dir():
+        raise GrailError(f"output path {str(output_path)!r} is a folder", "Give a file name such as small.onnx.")
     passes = parse_pipeline(options.pipeline)
     frontend = OnnxFrontEnd.load(model_path, options.device)
     specs = [InputSpec(name, dtype, shape) for name, dtype, shape in frontend.input_specs()]
@@ -105,7 +107,11 @@ def compress_file(model_path: str | Path, output_path: str | Path, options: JobO
     records = run_pipeline(passes, state, verify_each=options.verify_each)
     if not state.groups:
         reasons = "; ".join(f"{d.candidate}: {d.reason}" for d in state.declined) or "no Conv, Gemm or MatMul with constant weights"
-        raise GrailError(f"{model_path} has no compressible channel group ({reasons})")
+        raise GrailError(
+            f"{model_path} has no compressible channel group ({reasons})",
+            "Nothing was written. grail-opt narrows hidden channels between a Conv, Gemm or MatMul "
+            "and the Conv, Gemm or MatMul that reads them.",
+        )
 
     pipeline_text = print_pipeline(passes)
     frontend.set_metadata("grail_opt.pipeline", pipeline_text)
@@ -120,7 +126,10 @@ def compress_file(model_path: str | Path, output_path: str | Path, options: JobO
         "evaluation_data": evaluation_note,
         "passes": records,
         "groups": [_group_record(state, group) for group in state.groups],
-        "declined": [{"candidate": d.candidate, "reason": d.reason} for d in state.declined],
+        "declined": [
+            {"candidate": d.candidate, "verdict": state.verdicts.get(d.candidate), "reason": d.reason}
+            for d in state.declined
+        ],
         "validation": state.validation,
     }
 

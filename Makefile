@@ -1,0 +1,21 @@
+# Two entry points, each of which sets up the environment on first use:
+#   make example   compress the bundled ResNet-20 and print the report
+#   make test      run the test suite
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+
+.PHONY: example test
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --upgrade pip
+	$(PYTHON) -m pip install -e ".[dev]"
+	touch $@
+
+example: $(VENV)/.installed
+	$(VENV)/bin/grail-opt models/resnet20_cifar10.onnx \
+		--calib models/cifar10-sample/calib --eval models/cifar10-sample/eval \
+		--sparsity 0.5 -o out/resnet20_small.onnx --report out/resnet20_small.json
+
+test: $(VENV)/.installed
+	$(PYTHON) -m pytest
