@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,8 @@ from grail_graph.core import SELECTORS
 from grail_graph.data import IMAGENET_MEAN, IMAGENET_STD, ImageOptions
 from grail_graph.driver import JobOptions, compress_file, default_pipeline
 from grail_graph.errors import GrailError
-from grail_graph.passes import describe_passes
+from grail_graph.onnx_frontend.calibration import execution_providers
+from grail_graph.passes import describe_passes, parse_pipeline, print_pipeline
 from grail_graph.passes.transform import COMPENSATIONS
 from grail_graph.report import format_batch_table, format_summary
 
@@ -96,18 +96,39 @@ def _outputs(args: argparse.Namespace) -> list[Path]:
         return [args.output]
     if args.out_dir is None:
         raise GrailError("no output path given", "Add -o OUTPUT.onnx, or --out-dir FOLDER for several models.")
+    if args.out_dir.exists() and not args.out_dir.is_dir():
+        raise GrailError(f"--out-dir {str(args.out_dir)!r} is a file", "Give a folder path.")
     names = [model.name.removesuffix(".onnx") + ".grail.onnx" for model in args.models]
     if len(set(names)) != len(names):
         raise GrailError("two input models have the same file name", "Convert them in separate calls.")
     return [args.out_dir / name for name in names]
 
 
+def _check_report_path(report: Path | None, models: list[Path], outputs: list[Path]) -> None:
+    if report is None:
+        return
+    if report.is_dir():
+        raise GrailError(f"--report {str(report)!r} is a folder", "Give a file name such as report.json.")
+    if report.resolve() in {path.resolve() for path in [*models, *outputs]}:
+        raise GrailError(
+            f"--report {str(report)!r} is also a model or output path", "Choose another file, such as report.json."
+        )
+
+
 def write_json(path: Path, content: Any) -> None:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
+    """Write JSON atomically: a temporary file in the same folder, then a rename.
+
+    The temporary file is created with open(), so the report gets the permissions that the
+    umask allows instead of the 0600 of `tempfile`.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".grail-", suffix=".json", delete=False) as file:
-        json.dump(content, file, indent=2, default=str)
-    os.replace(file.name, path)
+    temporary = path.with_name(f".grail-{os.getpid()}-{path.name}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8") as file:
+            json.dump(content, file, indent=2, default=str)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _check_options(args: argparse.Namespace) -> None:
@@ -126,6 +147,8 @@ def _check_options(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_options(args)
     outputs = _outputs(args)
+    _check_report_path(args.report, args.models, outputs)
+    execution_providers(args.device)  # rejects --device cuda without CUDA before any data is read
     options = JobOptions(
         pipeline=_pipeline_text(args),
         calib=args.calib,
@@ -168,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.print_pipeline:
-            print(_pipeline_text(args))
+            print(print_pipeline(parse_pipeline(_pipeline_text(args))))
             return 0
         return run(args)
     except GrailError as error:

@@ -28,12 +28,15 @@ def _split_top_level(text: str) -> list[str]:
         elif char == "}":
             depth -= 1
             if depth < 0:
-                raise GrailError(f"pipeline {text!r} has an unmatched '}}' at position {index}")
+                raise GrailError(
+                    f"pipeline {text!r} has an unmatched '}}' at position {index}",
+                    "Remove it or add the '{' it closes.",
+                )
         elif char == "," and depth == 0:
             parts.append(text[start:index])
             start = index + 1
     if depth != 0:
-        raise GrailError(f"pipeline {text!r} has an unclosed '{{'")
+        raise GrailError(f"pipeline {text!r} has an unclosed '{{'", "Close each pass's options with '}'.")
     parts.append(text[start:])
     return [part.strip() for part in parts]
 
@@ -66,7 +69,9 @@ def _parse_pass(text: str) -> Pass:
             raise GrailError(f"pass text {text!r} must end with '}}'")
         for item in rest[:-1].split():
             key, equals, raw = item.partition("=")
-            if not equals or key not in fields:
+            if key in fields and not equals:
+                raise GrailError(f"option {key!r} of pass '{name}' has no value", f"Write it as {key}=VALUE.")
+            if key not in fields:
                 raise GrailError(
                     f"pass '{name}' has no option {key!r}", f"Its options: {', '.join(fields) or 'none'}."
                 )
@@ -74,7 +79,7 @@ def _parse_pass(text: str) -> Pass:
     try:
         return cls(cls.Options(**values))
     except ValueError as error:
-        raise GrailError(f"pass '{name}': {error}") from error
+        raise GrailError(f"pass '{name}': {error}", "See --list-passes for its options and their ranges.") from error
 
 
 def parse_pipeline(text: str) -> list[Pass]:

@@ -1,6 +1,6 @@
 """Tiny ONNX models for the front-end tests, and helpers that run them in ONNX Runtime.
 
-Every model is float32 and opset 18 unless a builder says otherwise. Weights come from a
+Every model is float32 and opset 18 unless its builder's docstring names another opset. Weights come from a
 seeded numpy generator, so each builder returns the same model for the same seed.
 Node `name` writes the value `name_out`, which keeps node names and value names apart
 in the matcher's messages.
@@ -18,7 +18,6 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 18
-Shape = Sequence[int | str | None] | None
 
 
 class ModelBuilder:
@@ -66,16 +65,22 @@ class ModelBuilder:
 
     def build(
         self,
-        inputs: Mapping[str, Shape],
+        inputs: Mapping[str, Sequence[int]],
         outputs: Sequence[str],
         opset: int = OPSET,
         check: bool = True,
     ) -> onnx.ModelProto:
-        """Return the model; `check=False` skips the ONNX checker for deliberately invalid graphs."""
+        """Return the model; `check=False` skips the ONNX checker for deliberately invalid graphs.
+
+        The first dimension of every input becomes the symbolic `batch`.
+        """
         graph = helper.make_graph(
             self.nodes,
             "test",
-            [helper.make_tensor_value_info(name, TensorProto.FLOAT, shape) for name, shape in inputs.items()],
+            [
+                helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *shape[1:]])
+                for name, shape in inputs.items()
+            ],
             [helper.make_empty_tensor_value_info(name) for name in outputs],
             self.initializers,
         )
@@ -90,10 +95,11 @@ class ModelBuilder:
 # Models -----------------------------------------------------------------------------------
 
 CONV_INPUT = (2, 3, 6, 6)
+MLP_INPUT = (2, 5, 6)
 
 
 def conv_bn_relu_conv(seed: int = 0, hidden: int = 6) -> onnx.ModelProto:
-    """x (2, 3, 6, 6) -> conv1 (with bias) -> bn -> relu -> conv2 -> y (2, 5, 6, 6)."""
+    """Build x (2, 3, 6, 6) -> conv1 (with bias) -> bn -> relu -> conv2 -> y (2, 5, 6, 6)."""
     b = ModelBuilder(seed)
     h = b.node("Conv", ["x", b.weight("w1", [hidden, 3, 3, 3]), b.weight("b1", [hidden])], "conv1", pads=[1, 1, 1, 1])
     h = b.batch_norm("bn", h, hidden)
@@ -103,7 +109,7 @@ def conv_bn_relu_conv(seed: int = 0, hidden: int = 6) -> onnx.ModelProto:
 
 
 def inverted_residual(seed: int = 0, hidden: int = 8) -> onnx.ModelProto:
-    """x (2, 4, 6, 6) -> 1x1 expand -> bn1 -> clip(0, 6) -> 3x3 depthwise -> bn2 -> relu -> 1x1 project."""
+    """Build x (2, 4, 6, 6) -> 1x1 expand -> bn1 -> clip(0, 6) -> 3x3 depthwise -> bn2 -> relu -> 1x1 project."""
     b = ModelBuilder(seed)
     h = b.node("Conv", ["x", b.weight("w_expand", [hidden, 4, 1, 1])], "expand")
     h = b.batch_norm("bn1", h, hidden)
@@ -123,7 +129,7 @@ def conv_scale_relu_conv(
     hidden: int = 6,
     check: bool = True,
 ) -> onnx.ModelProto:
-    """x (2, 3, 6, 6) -> conv1 -> scale (Mul by a constant of `scale_shape`) -> relu -> conv2.
+    """Build x (2, 3, 6, 6) -> conv1 -> scale (Mul by a constant of `scale_shape`) -> relu -> conv2.
 
     With `constant_node` the scale comes from a Constant node, else from an initializer.
     """
@@ -140,8 +146,39 @@ def conv_scale_relu_conv(
     return b.build({"x": CONV_INPUT}, [y], check=check)
 
 
-# Activations written as ONNX exporters write them; each takes (builder, input) and returns
-# its output value.
+def conv1d_relu_conv1d(seed: int = 0, hidden: int = 6) -> onnx.ModelProto:
+    """Build x (2, 3, 8) -> conv1 (kernel 3) -> relu -> conv2 (kernel 1) -> y (2, 5, 8)."""
+    b = ModelBuilder(seed)
+    h = b.node("Conv", ["x", b.weight("w1", [hidden, 3, 3])], "conv1", pads=[1, 1])
+    h = b.node("Relu", [h], "relu")
+    y = b.node("Conv", [h, b.weight("w2", [5, hidden, 1])], "conv2")
+    return b.build({"x": (2, 3, 8)}, [y])
+
+
+def conv_chain(seed: int = 0) -> onnx.ModelProto:
+    """Build x (2, 3, 6, 6) -> conv1 -> relu1 -> conv2 (with bias) -> relu2 -> conv3, two chained groups."""
+    b = ModelBuilder(seed)
+    h = b.node("Conv", ["x", b.weight("w1", [6, 3, 3, 3])], "conv1", pads=[1, 1, 1, 1])
+    h = b.node("Relu", [h], "relu1")
+    h = b.node("Conv", [h, b.weight("w2", [7, 6, 3, 3]), b.weight("b2", [7])], "conv2", pads=[1, 1, 1, 1])
+    h = b.node("Relu", [h], "relu2")
+    y = b.node("Conv", [h, b.weight("w3", [5, 7, 1, 1])], "conv3")
+    return b.build({"x": CONV_INPUT}, [y])
+
+
+def mlp_two_consumers(seed: int = 0) -> onnx.ModelProto:
+    """Build x (2, 5, 6) -> fc1 -> relu -> (fc_a, fc_b) -> sum, whose tap has two consumers."""
+    b = ModelBuilder(seed)
+    h = b.node("MatMul", ["x", b.weight("w1", [6, 10])], "fc1")
+    h = b.node("Relu", [h], "relu")
+    y_a = b.node("MatMul", [h, b.weight("w_a", [10, 4])], "fc_a")
+    y_b = b.node("MatMul", [h, b.weight("w_b", [10, 4])], "fc_b")
+    y = b.node("Add", [y_a, y_b], "sum")
+    return b.build({"x": MLP_INPUT}, [y])
+
+
+# Activations in the node patterns that ONNX exporters produce. Each takes (builder, input)
+# and returns its output value.
 
 
 def relu(b: ModelBuilder, x: str) -> str:
@@ -149,7 +186,7 @@ def relu(b: ModelBuilder, x: str) -> str:
 
 
 def gelu_erf(b: ModelBuilder, x: str) -> str:
-    """x * 0.5 * (1 + Erf(x / sqrt(2)))."""
+    """Write GELU as x * 0.5 * (1 + Erf(x / sqrt(2)))."""
     scaled = b.node("Div", [x, b.scalar("sqrt2", math.sqrt(2.0))], "gelu_div")
     erf = b.node("Erf", [scaled], "gelu_erf")
     shifted = b.node("Add", [erf, b.scalar("gelu_one", 1.0)], "gelu_add")
@@ -158,7 +195,7 @@ def gelu_erf(b: ModelBuilder, x: str) -> str:
 
 
 def gelu_tanh(b: ModelBuilder, x: str) -> str:
-    """0.5 * x * (1 + Tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))."""
+    """Write tanh-approximated GELU as 0.5 * x * (1 + Tanh(sqrt(2 / pi) * (x + 0.044715 * x^3)))."""
     cube = b.node("Pow", [x, b.scalar("gelu_three", 3.0)], "gelu_pow")
     cubic_term = b.node("Mul", [cube, b.scalar("gelu_coefficient", 0.044715)], "gelu_cubic")
     inner = b.node("Add", [x, cubic_term], "gelu_inner")
@@ -170,7 +207,7 @@ def gelu_tanh(b: ModelBuilder, x: str) -> str:
 
 
 def silu(b: ModelBuilder, x: str) -> str:
-    """x * Sigmoid(x)."""
+    """Write SiLU as x * Sigmoid(x)."""
     return b.node("Mul", [x, b.node("Sigmoid", [x], "sigmoid")], "silu")
 
 
@@ -182,12 +219,7 @@ def leaky_relu(b: ModelBuilder, x: str) -> str:
     return b.node("LeakyRelu", [x], "leaky_relu", alpha=0.1)
 
 
-def identity(b: ModelBuilder, x: str) -> str:
-    return x
-
-
 Activation = Callable[[ModelBuilder, str], str]
-MLP_INPUT = (2, 5, 6)
 
 
 def matmul_mlp(
@@ -197,7 +229,7 @@ def matmul_mlp(
     input_shape: Sequence[int] = MLP_INPUT,
     output_bias: bool = True,
 ) -> onnx.ModelProto:
-    """x (..., 6) -> fc1 (MatMul) -> fc1_bias (Add) -> activation -> fc2 (MatMul) [-> fc2_bias] -> y (..., 4)."""
+    """Build x (..., 6) -> fc1 (MatMul) -> fc1_bias (Add) -> activation -> fc2 (MatMul) [-> fc2_bias] -> y (..., 4)."""
     b = ModelBuilder(seed)
     h = b.node("MatMul", ["x", b.weight("w1", [input_shape[-1], hidden])], "fc1")
     h = b.node("Add", [h, b.weight("b1", [hidden])], "fc1_bias")
@@ -209,7 +241,7 @@ def matmul_mlp(
 
 
 def gemm_gelu_gemm(seed: int = 0, hidden: int = 10) -> onnx.ModelProto:
-    """x (4, 6) -> Gemm (transB=1) -> Gelu -> Gemm (transB=1) -> y (4, 3), at opset 20 for Gelu."""
+    """Build x (4, 6) -> Gemm (transB=1) -> Gelu -> Gemm (transB=1) -> y (4, 3), at opset 20 for Gelu."""
     b = ModelBuilder(seed)
     h = b.node("Gemm", ["x", b.weight("w1", [hidden, 6]), b.weight("b1", [hidden])], "fc1", transB=1)
     h = b.node("Gelu", [h], "gelu")
@@ -217,8 +249,17 @@ def gemm_gelu_gemm(seed: int = 0, hidden: int = 10) -> onnx.ModelProto:
     return b.build({"x": (4, 6)}, [y], opset=20)
 
 
+def gemm_relu_gemm(seed: int = 0, hidden: int = 10) -> onnx.ModelProto:
+    """Build x (4, 6) -> Gemm (weight (6, hidden), bias (1, hidden)) -> relu -> Gemm -> y (4, 3)."""
+    b = ModelBuilder(seed)
+    h = b.node("Gemm", ["x", b.weight("w1", [6, hidden]), b.weight("b1", [1, hidden])], "fc1")
+    h = b.node("Relu", [h], "relu")
+    y = b.node("Gemm", [h, b.weight("w2", [hidden, 3])], "fc2")
+    return b.build({"x": (4, 6)}, [y])
+
+
 def swiglu(seed: int = 0, hidden: int = 10, up_first: bool = False) -> onnx.ModelProto:
-    """h = SiLU(x Wg) * (x Wu); y = h Wd, on x (2, 5, 6).
+    """Build the gated MLP h = SiLU(x Wg) * (x Wu), y = h Wd on x (2, 5, 6).
 
     `up_first` puts the up projection first in node order, so matching starts from it.
     """
@@ -268,18 +309,19 @@ def map_tap(model: onnx.ModelProto, tap: str, matrix: np.ndarray, channels_last:
     mapped = copy.deepcopy(model)
     graph = mapped.graph
     matrix = matrix.astype(np.float32)
+    weight_name, output = f"{tap}_matrix", f"{tap}_mapped"
     if channels_last:
-        mapping = helper.make_node("MatMul", [tap, "tap_matrix"], ["tap_mapped"], name="tap_map")
+        mapping = helper.make_node("MatMul", [tap, weight_name], [output], name=f"{tap}_map")
         weight = matrix
     else:
         # A 1x1 convolution with weight[o, i] = R[i, o] applies R to every pixel.
-        mapping = helper.make_node("Conv", [tap, "tap_matrix"], ["tap_mapped"], name="tap_map")
+        mapping = helper.make_node("Conv", [tap, weight_name], [output], name=f"{tap}_map")
         weight = matrix.T.reshape(matrix.shape + (1,) * (rank - 2))
-    graph.initializer.append(numpy_helper.from_array(weight, "tap_matrix"))
+    graph.initializer.append(numpy_helper.from_array(weight, weight_name))
     for node in graph.node:
         for index, name in enumerate(node.input):
             if name == tap:
-                node.input[index] = "tap_mapped"
+                node.input[index] = output
     producer_index = next(i for i, node in enumerate(graph.node) if tap in node.output)
     graph.node.insert(producer_index + 1, mapping)
     return mapped

@@ -1,11 +1,23 @@
 """Numeric core of GRAIL: Gram statistics, closed-form compensation and channel selection.
 
-Only numpy and the standard library are used here. See ``solve.py`` for the
-closed form B = G[:, P] (G[P, P] + lam I)^-1 and its merge variant.
+Only numpy and the standard library are needed at import time. The folding
+functions ``fold_features`` and ``cluster_channels`` import scikit-learn when
+called. See ``solve.py`` for the closed form B = G[:, P] (G[P, P] + lam I)^-1
+and its merge variant.
 """
 
 from __future__ import annotations
 
+from .affine import affine_prune_map, affine_reconstruction_error, bias_correction
+from .allocation import (
+    ALLOCATION_METHODS,
+    AllocationGroup,
+    allocate_widths,
+    error_curve,
+    flap_scores,
+)
+from .cross import CrossAccumulator, affine_cross_map, cross_map
+from .folding import cluster_channels, fold_features, fold_producer
 from .gram import GramAccumulator
 from .selectors import (
     SELECTORS,
@@ -31,11 +43,25 @@ from .solve import (
 )
 
 __all__ = [
+    "ALLOCATION_METHODS",
     "SELECTORS",
+    "AllocationGroup",
+    "CrossAccumulator",
     "GramAccumulator",
     "absorb",
+    "affine_cross_map",
+    "affine_prune_map",
+    "affine_reconstruction_error",
+    "allocate_widths",
     "averaging_matrix",
+    "bias_correction",
+    "cluster_channels",
+    "cross_map",
+    "error_curve",
+    "flap_scores",
+    "fold_features",
     "fold_map",
+    "fold_producer",
     "gram_greedy_select",
     "kept_width",
     "magnitude_scores",

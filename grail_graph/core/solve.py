@@ -54,24 +54,29 @@ def _as_gram(gram: np.ndarray) -> np.ndarray:
     return gram
 
 
-def _as_keep(keep: Sequence[int] | np.ndarray, width: int) -> np.ndarray:
-    """Validate kept channel indices for width H and return them as int64, shape (K,)."""
+def _as_keep(
+    keep: Sequence[int] | np.ndarray, width: int, name: str = "keep"
+) -> np.ndarray:
+    """Validate unique channel indices for width H and return them as int64, shape (K,).
+
+    name is the argument name used in error messages.
+    """
     keep = np.asarray(keep)
     if keep.size == 0:
         return np.zeros(0, dtype=np.int64)
     if keep.ndim != 1 or keep.dtype.kind not in "iu":
         raise ValueError(
-            f"keep must be a 1-D array of integer indices, got dtype {keep.dtype} "
+            f"{name} must be a 1-D array of integer indices, got dtype {keep.dtype} "
             f"and shape {keep.shape}"
         )
     keep = keep.astype(np.int64)
     out_of_range = keep[(keep < 0) | (keep >= width)]
     if out_of_range.size:
         raise ValueError(
-            f"keep indices must lie in [0, {width}), got {out_of_range.tolist()}"
+            f"{name} indices must lie in [0, {width}), got {out_of_range.tolist()}"
         )
     if np.unique(keep).size != keep.size:
-        raise ValueError(f"keep indices must be unique, got {keep.tolist()}")
+        raise ValueError(f"{name} indices must be unique, got {keep.tolist()}")
     return keep
 
 

@@ -49,8 +49,13 @@ def _opset(proto: onnx.ModelProto) -> int:
     return next((op.version for op in proto.opset_import if op.domain in ("", "ai.onnx")), 1)
 
 
-def _add_gram_outputs(proto: onnx.ModelProto, group: ChannelGroup, rank: int | None, index: int) -> list[str]:
-    """Append the reduction nodes for one group and return their output names."""
+def _add_gram_outputs(
+    proto: onnx.ModelProto, group: ChannelGroup, rank: int | None, index: int, row_type: int
+) -> list[str]:
+    """Append the reduction nodes for one group and return their output names.
+
+    `row_type` is the TensorProto element type that the rows are cast to before the product.
+    """
     graph = proto.graph
     prefix = f"grail_calib_{index}"
     tap = group.tap
@@ -63,7 +68,7 @@ def _add_gram_outputs(proto: onnx.ModelProto, group: ChannelGroup, rank: int | N
         helper.make_tensor(f"{prefix}_shape", TensorProto.INT64, [2], [-1, group.width])
     )
     nodes.append(helper.make_node("Reshape", [tap, f"{prefix}_shape"], [f"{prefix}_flat"]))
-    nodes.append(helper.make_node("Cast", [f"{prefix}_flat"], [f"{prefix}_rows"], to=TensorProto.FLOAT))
+    nodes.append(helper.make_node("Cast", [f"{prefix}_flat"], [f"{prefix}_rows"], to=row_type))
     rows = f"{prefix}_rows"
     nodes.append(helper.make_node("Transpose", [rows], [f"{prefix}_cols"], perm=[1, 0]))
     nodes.append(helper.make_node("MatMul", [f"{prefix}_cols", rows], [f"{prefix}_gram"]))
@@ -89,9 +94,13 @@ def build_calibration_model(
     base = folder / "base.onnx"
     save_model(model, base)
     proto = onnx.load(str(base), load_external_data=False)
+    dtypes = {value.name: value.dtype for node in model.graph for value in node.outputs}
     outputs = {}
     for index, group in enumerate(groups):
-        outputs[group.name] = _add_gram_outputs(proto, group, ranks.get(group.name), index)
+        # Shape inference can leave a tap's type unknown, and such a tap is cast to float32.
+        double = dtypes.get(group.tap) == ir.DataType.DOUBLE
+        row_type = TensorProto.DOUBLE if double else TensorProto.FLOAT
+        outputs[group.name] = _add_gram_outputs(proto, group, ranks.get(group.name), index, row_type)
     path = folder / "calibration.onnx"
     onnx.save(proto, str(path))
     return path, outputs

@@ -245,6 +245,10 @@ class GroupMatcher:
             return
         data_inputs = [v for v in node.inputs if v is not None and constant_array(v) is None]
         channel_wise = node.op_type in ELEMENTWISE_UNARY or node.op_type in ELEMENTWISE_BINARY
+        if node.op_type == "BatchNormalization" and not region.channels_last:
+            for input_index in range(1, 5):
+                self._narrow_constant(region, node, input_index, exact_vector=True)
+            channel_wise, data_inputs = True, data_inputs[:1]
         if not channel_wise or not data_inputs:
             raise Decline(f"{residual}, which is not computed channel-wise from a producer")
         for data_input in data_inputs:

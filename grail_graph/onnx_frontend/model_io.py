@@ -63,9 +63,9 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, overwrite_guard: tup
             )
     path.parent.mkdir(parents=True, exist_ok=True)
     if not external:
-        # Without `external_data`, ir.save writes a tensor still backed by the source's
-        # data file as a reference to that file's relative location, which does not
-        # exist beside `path`. Loading such tensors into memory embeds them instead.
+        # Without `external_data`, ir.save (onnx-ir 1.1) writes a tensor still backed by
+        # the source's data file as a reference to that file's relative location, which
+        # does not exist beside `path`. Loading such tensors into memory embeds them instead.
         ir.external_data.load_to_model(model)
 
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".grail-tmp-") as tmp:

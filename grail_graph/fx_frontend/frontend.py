@@ -1,0 +1,105 @@
+"""The torch.fx front end: a PyTorch module seen through the `FrontEnd` interface."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from grail_graph.core import GramAccumulator
+from grail_graph.errors import GrailError, UnsupportedModelError
+from grail_graph.frontend import GroupPlan
+from grail_graph.fx_frontend import calibration, matcher
+from grail_graph.fx_frontend.export import export_onnx
+from grail_graph.fx_frontend.rewrite import apply_plans, get_tensor, to_numpy
+from grail_graph.groups import ChannelGroup, Declined
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Return the torch device for "auto", "cpu", "cuda" or "cuda:N", with a clear error."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GrailError(f"device {str(device)!r} requested but CUDA is not available", "Use --device cpu.")
+    return device
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Trace `model` with torch.fx.symbolic_trace, with a clear error when it cannot."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception as error:  # tracing failures come in many types
+        raise UnsupportedModelError(
+            f"{type(model).__name__} cannot be traced with torch.fx.symbolic_trace ({type(error).__name__}: {error})",
+            "Make the forward free of data-dependent control flow, or export the model to ONNX and pass the .onnx file.",
+        ) from error
+
+
+class FxFrontEnd:
+    """A PyTorch module compressed on a private copy; the caller's module is not changed."""
+
+    def __init__(self, model: nn.Module, example_inputs=None, device: str | torch.device | None = "auto") -> None:
+        self.device = resolve_device(device)
+        self.model = copy.deepcopy(model).eval().to(self.device)
+        self.example_inputs = example_inputs
+        self.graph_module = trace(self.model)
+        self.metadata: dict[str, str] = {}
+
+    # FrontEnd interface -------------------------------------------------------------------
+
+    def find_groups(self) -> tuple[list[ChannelGroup], list[Declined]]:
+        return matcher.find_groups(self.graph_module)
+
+    def producer_weights(self, group: ChannelGroup) -> list[np.ndarray]:
+        return [np.moveaxis(to_numpy(get_tensor(self.model, r.node)), r.axis, 0) for r in group.producers]
+
+    def consumer_weights(self, group: ChannelGroup) -> list[np.ndarray]:
+        return [np.moveaxis(to_numpy(get_tensor(self.model, r.node)), r.axis, 1) for r in group.consumers]
+
+    def calibrate(
+        self,
+        groups: list[ChannelGroup],
+        batches: Iterable,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, GramAccumulator]:
+        return calibration.calibrate(self.model, groups, (self._to_torch(b) for b in batches), self.device, progress)
+
+    def apply(self, plans: list[GroupPlan]) -> None:
+        apply_plans(self.model, plans)
+        self.graph_module = trace(self.model)
+
+    def verify(self) -> None:
+        """Lint the re-traced graph and run one forward pass on the example inputs."""
+        self.graph_module.graph.lint()
+        if self.example_inputs is None:
+            return
+        try:
+            with torch.no_grad():
+                calibration.run_batch(self.model, self.example_inputs, self.device)
+        except RuntimeError as error:
+            raise GrailError(f"the rewritten module fails on the example inputs: {error}") from error
+
+    # Output -----------------------------------------------------------------------------
+
+    def _to_torch(self, batch):
+        if isinstance(batch, Mapping) and all(isinstance(v, np.ndarray) for v in batch.values()):
+            tensors = [torch.from_numpy(np.ascontiguousarray(v)) for v in batch.values()]
+            return tensors[0] if len(tensors) == 1 else dict(zip(batch.keys(), tensors))
+        return batch
+
+    def set_metadata(self, key: str, value: str) -> None:
+        self.metadata[key] = value
+
+    def save(self, path: str | os.PathLike) -> list[Path]:
+        """Export the compressed module to ONNX (checked in ONNX Runtime) at `path`."""
+        if self.example_inputs is None:
+            raise GrailError("exporting a PyTorch model needs example inputs", "Pass example_inputs or calibration data.")
+        example = self._to_torch(self.example_inputs)
+        example = tuple(t.to(self.device) for t in (example if isinstance(example, (tuple, list)) else (example,)))
+        return [export_onnx(self.model, example, path, metadata=self.metadata)]

@@ -1,0 +1,213 @@
+"""Find compressible channel groups in a torch.fx graph.
+
+The rules mirror the ONNX matcher: walk forward from every dense Conv / Linear module
+through channel-wise nodes (BatchNorm, activations, per-channel constants, gated products,
+depthwise convolutions) to the Conv / Linear modules that read the hidden value, and
+decline the candidate with a reason naming the node whenever a use is not channel-wise.
+Weights are addressed by their qualified parameter names, so the records refer to the
+original module, not to the traced copy.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from grail_graph.fx_frontend import ops
+from grail_graph.groups import ChannelGroup, Declined, WeightRef
+
+
+class Decline(Exception):
+    """Raised inside the matcher when a candidate group is unsafe; carries the reason."""
+
+
+@dataclass
+class _Region:
+    width: int
+    channels_last: bool
+    rank: int | None
+    values: dict[str, fx.Node] = field(default_factory=dict)
+    producers: dict[str, ops.LinearOp] = field(default_factory=dict)
+    narrowed: dict[str, WeightRef] = field(default_factory=dict)
+    consumers: dict[str, tuple[ops.LinearOp, fx.Node]] = field(default_factory=dict)
+    width_attributes: set[tuple[str, str]] = field(default_factory=set)
+
+
+class FxGroupMatcher:
+    """Match every dense Conv / Linear of a GraphModule into groups or declined candidates."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
+
+    def run(self) -> tuple[list[ChannelGroup], list[Declined]]:
+        groups: list[ChannelGroup] = []
+        declined: list[Declined] = []
+        claimed: set[str] = set()
+        for node in self.gm.graph.nodes:
+            linear = ops.describe_linear(self.gm, node)
+            if linear is None or linear.depthwise or ops.is_grouped(self.gm, linear) or node.target in claimed:
+                continue
+            region = _Region(linear.width, linear.channels_last, linear.rank)
+            try:
+                self._add_producer(region, node)
+                self._grow(region)
+                group = self._finish(region, f"g{len(groups)}:{node.target}")
+            except Decline as reason:
+                claimed.update(region.producers)
+                declined.append(Declined(", ".join(sorted(region.producers)) or node.target, str(reason)))
+                continue
+            claimed.update(region.producers)
+            groups.append(group)
+        return groups, declined
+
+    # Growing the region -------------------------------------------------------------
+
+    def _check_single_call(self, node: fx.Node) -> None:
+        if self.calls[node.target] > 1:
+            raise Decline(f"module `{node.target}` is called {self.calls[node.target]} times in the graph")
+
+    def _add_producer(self, region: _Region, node: fx.Node) -> None:
+        linear = ops.describe_linear(self.gm, node)
+        if linear.width != region.width or linear.channels_last != region.channels_last:
+            raise Decline(f"producer {ops.describe(self.gm, node)} has a different width or layout than the group")
+        self._check_single_call(node)
+        region.producers[linear.module] = linear
+        if linear.bias is not None:
+            region.narrowed[linear.bias] = WeightRef(linear.bias, 0, 0)
+        self._add_value(region, node)
+
+    def _add_value(self, region: _Region, node: fx.Node) -> None:
+        if any(user.op == "output" for user in node.users):
+            raise Decline(f"hidden value `{node.name}` is a graph output")
+        region.values.setdefault(node.name, node)
+
+    def _grow(self, region: _Region) -> None:
+        done: set[str] = set()
+        while len(done) < len(region.values):
+            name = next(n for n in region.values if n not in done)
+            done.add(name)
+            value = region.values[name]
+            for user in list(value.users):
+                self._classify_use(region, value, user)
+
+    def _classify_use(self, region: _Region, value: fx.Node, user: fx.Node) -> None:
+        if ops.is_harmless_use(user):
+            return
+        linear = ops.describe_linear(self.gm, user)
+        first = bool(user.args) and user.args[0] is value
+        if linear is not None and first:
+            self._add_linear_user(region, value, user, linear)
+        elif (tensors := ops.batchnorm_tensors(self.gm, user)) is not None and first and not region.channels_last:
+            for name in tensors:
+                region.narrowed[name] = WeightRef(name, 0, 0)
+            self._add_value(region, user)
+        elif ops.is_elementwise(self.gm, user) and first:
+            if any(isinstance(arg, fx.Node) for arg in [*user.args[1:], *user.kwargs.values()]):
+                raise Decline(f"{ops.describe(self.gm, user)} takes a second tensor argument")
+            self._add_value(region, user)
+        elif ops.is_binary(user):
+            self._add_binary(region, value, user)
+        else:
+            raise Decline(f"hidden value `{value.name}` feeds {ops.describe(self.gm, user)}, which mixes or reshapes channels")
+
+    def _add_linear_user(self, region: _Region, value: fx.Node, user: fx.Node, linear: ops.LinearOp) -> None:
+        if linear.depthwise and linear.width == region.width and not region.channels_last:
+            self._check_single_call(user)
+            region.narrowed[linear.weight] = WeightRef(linear.weight, 0, 0)
+            if linear.bias is not None:
+                region.narrowed[linear.bias] = WeightRef(linear.bias, 0, 0)
+            region.width_attributes.add((linear.module, "groups"))
+            self._add_value(region, user)
+            return
+        if ops.is_grouped(self.gm, linear) or linear.depthwise:
+            raise Decline(f"consumer {ops.describe(self.gm, user)} is a grouped convolution")
+        if linear.channels_last != region.channels_last:
+            raise Decline(f"consumer {ops.describe(self.gm, user)} reads the hidden value in another layout")
+        if linear.in_width != region.width:
+            raise Decline(f"consumer {ops.describe(self.gm, user)} expects {linear.in_width} channels, not {region.width}")
+        self._check_single_call(user)
+        region.consumers[linear.module] = (linear, value)
+
+    def _operands(self, user: fx.Node) -> list:
+        return [*user.args[:2], *[user.kwargs[k] for k in ("other", "input") if k in user.kwargs]]
+
+    def _add_binary(self, region: _Region, value: fx.Node, user: fx.Node) -> None:
+        others = [arg for arg in self._operands(user) if arg is not value]
+        for other in others:
+            if isinstance(other, (int, float)) or (isinstance(other, fx.Node) and other.name in region.values):
+                continue
+            if isinstance(other, fx.Node) and other.op == "get_attr":
+                self._narrow_constant(region, user, other)
+            elif isinstance(other, fx.Node):
+                self._add_upstream(region, other, user)
+            else:
+                raise Decline(f"{ops.describe(self.gm, user)} has an operand of type {type(other).__name__}")
+        self._add_value(region, user)
+
+    def _add_upstream(self, region: _Region, node: fx.Node, via: fx.Node) -> None:
+        """Join the producers behind `node`, reached only through channel-wise nodes."""
+        reason = f"{ops.describe(self.gm, via)} combines the hidden value with `{node.name}`"
+        linear = ops.describe_linear(self.gm, node)
+        if linear is not None and not linear.depthwise and not ops.is_grouped(self.gm, linear):
+            if linear.module not in region.producers:
+                self._add_producer(region, node)
+            return
+        tensors = ops.batchnorm_tensors(self.gm, node)
+        for name in tensors or ():
+            region.narrowed[name] = WeightRef(name, 0, 0)
+        channel_wise = ops.is_elementwise(self.gm, node) or ops.is_binary(node) or tensors is not None
+        inputs = [arg for arg in node.args if isinstance(arg, fx.Node) and arg.op != "get_attr"]
+        if tensors is not None:
+            inputs = inputs[:1]
+        if not channel_wise or not inputs:
+            raise Decline(f"{reason}, which is not computed channel-wise from a producer")
+        for data_input in inputs:
+            if data_input.name not in region.values:
+                self._add_upstream(region, data_input, via)
+        self._add_value(region, node)
+
+    def _narrow_constant(self, region: _Region, user: fx.Node, constant: fx.Node) -> None:
+        tensor = _get_tensor(self.gm, constant.target)
+        from_end = 1 if region.channels_last else region.rank - 1
+        if tensor.ndim < from_end:
+            return
+        size = tensor.shape[tensor.ndim - from_end]
+        if size == 1:
+            return
+        if size != region.width:
+            raise Decline(f"constant `{constant.target}` of {ops.describe(self.gm, user)} has {size} entries on the hidden axis")
+        region.narrowed[constant.target] = WeightRef(constant.target, 0, tensor.ndim - from_end)
+
+    # Result ---------------------------------------------------------------------------
+
+    def _finish(self, region: _Region, name: str) -> ChannelGroup:
+        if not region.consumers:
+            raise Decline("hidden channels reach no Conv or Linear consumer")
+        taps = {value.name for _, value in region.consumers.values()}
+        if len(taps) > 1:
+            raise Decline(f"consumers read different hidden values ({', '.join(sorted(taps))})")
+        return ChannelGroup(
+            name=name,
+            width=region.width,
+            tap=taps.pop(),
+            channels_last=region.channels_last,
+            producers=tuple(WeightRef(p.weight, 0, 0) for p in region.producers.values()),
+            narrowed=tuple(region.narrowed.values()),
+            consumers=tuple(WeightRef(c.weight, 0, 1) for c, _ in region.consumers.values()),
+            width_attributes=tuple(sorted(region.width_attributes)),
+            values=tuple(region.values),
+        )
+
+
+def _get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, attribute = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attribute)
+
+
+def find_groups(gm: fx.GraphModule) -> tuple[list[ChannelGroup], list[Declined]]:
+    """Return the compressible groups of a traced module and every declined candidate."""
+    return FxGroupMatcher(gm).run()

@@ -1,0 +1,125 @@
+"""A normalised view of torch.fx nodes: what each node does to channels.
+
+symbolic_trace graphs mix modules (`call_module`), functions (`call_function`) and
+tensor methods (`call_method`); `describe_node` maps all three to one small vocabulary
+so that the matcher needs a single set of rules.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+# Modules and functions applied to each element independently.
+ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
+    nn.Tanh, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout2d,
+    nn.Hardtanh, nn.PReLU,
+)  # fmt: skip
+ELEMENTWISE_FUNCTIONS = {
+    F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
+    F.elu, F.selu, F.celu, F.mish, F.softplus, F.dropout, F.hardtanh, torch.relu, torch.sigmoid,
+    torch.tanh, torch.erf, torch.exp, torch.sqrt, torch.neg, torch.abs, torch.clamp, torch.clip,
+    operator.neg,
+}  # fmt: skip
+ELEMENTWISE_METHODS = {
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "erf", "exp", "sqrt", "neg", "abs",
+    "clamp", "clamp_", "clip", "contiguous", "float", "to", "type_as", "half", "bfloat16",
+}  # fmt: skip
+BINARY_FUNCTIONS = {
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+    torch.add, torch.sub, torch.mul, torch.div,
+}  # fmt: skip
+BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div", "div_"}
+# Reading these attributes of a tensor does not depend on its channel count.
+HARMLESS_ATTRIBUTES = {"ndim", "dtype", "device", "is_cuda"}
+
+
+@dataclass(frozen=True)
+class LinearOp:
+    """A dense Conv or Linear module: its parameters and how it maps channels."""
+
+    module: str
+    weight: str  # qualified parameter names
+    bias: str | None
+    width: int  # output channels
+    in_width: int
+    channels_last: bool
+    rank: int | None  # rank of the data tensors for convolutions
+    depthwise: bool = False
+
+
+def describe_linear(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
+    """Describe a Conv / Linear module call (dense or depthwise), else return None."""
+    if node.op != "call_module":
+        return None
+    module = gm.get_submodule(node.target)
+    bias = f"{node.target}.bias" if getattr(module, "bias", None) is not None else None
+    if isinstance(module, nn.Linear):
+        return LinearOp(node.target, f"{node.target}.weight", bias, module.out_features, module.in_features, True, None)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not isinstance(module, nn.modules.conv._ConvTransposeNd):
+        rank = module.weight.ndim
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        if module.groups != 1 and not depthwise:
+            return LinearOp(node.target, f"{node.target}.weight", bias, module.out_channels, -1, False, rank)
+        return LinearOp(
+            node.target, f"{node.target}.weight", bias, module.out_channels, module.in_channels, False, rank, depthwise
+        )
+    return None
+
+
+def is_grouped(gm: fx.GraphModule, op: LinearOp) -> bool:
+    return op.in_width == -1
+
+
+def batchnorm_tensors(gm: fx.GraphModule, node: fx.Node) -> list[str] | None:
+    """Return the qualified names of a BatchNorm's four per-channel tensors, else None."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+        module = gm.get_submodule(node.target)
+        names = ["weight", "bias", "running_mean", "running_var"]
+        return [f"{node.target}.{name}" for name in names if getattr(module, name, None) is not None]
+    if node.op == "call_function" and node.target is F.batch_norm:
+        arguments = list(node.args[1:3]) + [node.kwargs.get("weight"), node.kwargs.get("bias")]
+        arguments += [a for a in node.args[3:5]]
+        names = []
+        for argument in arguments:
+            if isinstance(argument, fx.Node) and argument.op == "get_attr":
+                names.append(argument.target)
+            elif argument is not None:
+                return None
+        return sorted(set(names))
+    return None
+
+
+def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), ELEMENTWISE_MODULES)
+    if node.op == "call_function":
+        return node.target in ELEMENTWISE_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in ELEMENTWISE_METHODS
+    return False
+
+
+def is_binary(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in BINARY_FUNCTIONS
+    return node.op == "call_method" and node.target in BINARY_METHODS
+
+
+def is_harmless_use(node: fx.Node) -> bool:
+    """True for uses that read only metadata, such as `getattr(x, "ndim")`."""
+    return node.op == "call_function" and node.target is getattr and node.args[1] in HARMLESS_ATTRIBUTES
+
+
+def describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """Return a short human-readable name of a node for decline reasons."""
+    if node.op == "call_module":
+        return f"`{node.name}` ({type(gm.get_submodule(node.target)).__name__} `{node.target}`)"
+    if node.op == "call_function":
+        return f"`{node.name}` ({getattr(node.target, '__name__', node.target)})"
+    return f"`{node.name}` ({node.op} {node.target})"

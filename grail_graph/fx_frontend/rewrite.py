@@ -1,0 +1,75 @@
+"""Rewrite a PyTorch module to the narrowed widths of a set of group plans.
+
+Parameters are replaced by name on the module itself (not on a traced copy), and each
+touched Conv / Linear / BatchNorm gets its width attributes updated from its new weight,
+so the result is an ordinary module that runs in eager PyTorch and exports to ONNX.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from grail_graph.core import absorb
+from grail_graph.frontend import GroupPlan
+
+
+def get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    owner, _, attribute = name.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attribute)
+
+
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Replace parameter or buffer `name`, keeping its kind, dtype and device."""
+    owner_name, _, attribute = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    old = getattr(owner, attribute)
+    value = value.to(dtype=old.dtype, device=old.device)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attribute, nn.Parameter(value, requires_grad=old.requires_grad))
+    else:
+        owner.register_buffer(attribute, value, persistent=attribute not in owner._non_persistent_buffers_set)
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """Copy a tensor to a float64-capable numpy array (bf16 has no numpy dtype)."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def _update_widths(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        module.out_channels = module.weight.shape[0]
+        if module.groups > 1 and module.weight.shape[1] == 1:
+            module.groups = module.in_channels = module.out_channels
+        else:
+            module.in_channels = module.weight.shape[1] * module.groups
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        source = module.running_mean if module.running_mean is not None else module.weight
+        module.num_features = source.shape[0]
+
+
+def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> None:
+    """Narrow producers, absorb each plan's map into its consumers, update module widths."""
+    touched: set[str] = set()
+    with torch.no_grad():
+        for plan in plans:
+            keep = torch.as_tensor(np.asarray(plan.keep), dtype=torch.long)
+            group = plan.group
+            for ref in (*group.producers, *group.narrowed):
+                tensor = get_tensor(model, ref.node)
+                set_tensor(model, ref.node, tensor.index_select(ref.axis, keep.to(tensor.device)))
+                touched.add(ref.node.rpartition(".")[0])
+            for ref in group.consumers:
+                weight = np.moveaxis(to_numpy(get_tensor(model, ref.node)), ref.axis, 1)
+                compensated = np.moveaxis(absorb(weight, plan.consumer_map), 1, ref.axis)
+                set_tensor(model, ref.node, torch.from_numpy(np.ascontiguousarray(compensated)))
+                touched.add(ref.node.rpartition(".")[0])
+    for name in sorted(touched):
+        if name:
+            _update_widths(model.get_submodule(name))
