@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import json
 import logging
@@ -94,7 +95,7 @@ class Settings:
 
 
 FULL_SETTINGS = Settings(SELECTORS, SPARSITIES, None, 5, 200, 20, quick=False)
-QUICK_SETTINGS = Settings(("wanda",), (0.5,), 1000, 2, 30, 3, quick=True)
+QUICK_SETTINGS = Settings(("wanda",), (0.5,), 1000, 1, 30, 3, quick=True)
 
 
 @dataclass(frozen=True)
@@ -169,9 +170,9 @@ class SpeedResults:
     plain_loop: list[float] = field(default_factory=list)
     gram_flops: float = 0.0
     gram_matmul_seconds: float = 0.0
-    """Mean kernel time of the Gram MatMuls per profiled calibration pass."""
+    """Median kernel time of the Gram MatMuls per profiled calibration pass."""
     profile_by_op: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Op type -> mean kernel seconds per pass (original model, calibration model)."""
+    """Op type -> median kernel seconds per profiled pass (original model, calibration model)."""
     profiled_passes: int = 0
     numpy_same_shape_seconds: float = 0.0
     numpy_square_flops_per_second: float = 0.0
@@ -398,17 +399,30 @@ def gram_product_shapes(rows_per_sample_and_widths: Sequence[tuple[int, int]], b
     return [(rows, width, count) for (rows, width), count in sorted(shapes.items())]
 
 
-def profile_kernel_times(path: Path, data: Dataset, providers: list[str], passes: int, profile_dir: Path) -> list[dict[str, Any]]:
-    """Run `passes` passes over `data` with ONNX Runtime profiling and return the kernel-time events."""
+def profiled_session(path: Path, providers: list[str], profile_dir: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.enable_profiling = True
     options.profile_file_prefix = str(profile_dir / path.stem)
-    session = ort.InferenceSession(str(path), options, providers=providers)
-    for _ in range(passes):
-        run_pass(session, data)
-    profile_path = Path(session.end_profiling())
-    events = json.loads(profile_path.read_text())
-    return [event for event in events if event.get("cat") == "Node" and event["name"].endswith("_kernel_time")]
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def kernel_events_by_pass(session: ort.InferenceSession, runs_per_pass: int) -> list[list[dict[str, Any]]]:
+    """End profiling and return the kernel-time events of each pass, in order.
+
+    A pass is `runs_per_pass` consecutive session.run calls. Each kernel event belongs to
+    the run whose time span contains its start.
+    """
+    events = json.loads(Path(session.end_profiling()).read_text())
+    runs = sorted((event for event in events if event.get("cat") == "Session" and event["name"] == "model_run"), key=lambda e: e["ts"])
+    passes: list[list[dict[str, Any]]] = [[] for _ in range(len(runs) // runs_per_pass)]
+    run_starts = [run["ts"] for run in runs]
+    for event in events:
+        if event.get("cat") != "Node" or not event["name"].endswith("_kernel_time"):
+            continue
+        run_index = bisect.bisect_right(run_starts, event["ts"]) - 1
+        if 0 <= run_index < len(passes) * runs_per_pass:
+            passes[run_index // runs_per_pass].append(event)
+    return passes
 
 
 def is_gram_matmul(event: dict[str, Any], widths: set[int]) -> bool:
@@ -420,57 +434,69 @@ def is_gram_matmul(event: dict[str, Any], widths: set[int]) -> bool:
     return len(shape) == 2 and shape[0] == shape[1] and shape[0] in widths
 
 
-def measure_gram_profile(
+def kernel_seconds_by_op(events: Iterable[dict[str, Any]]) -> Counter[str]:
+    totals: Counter[str] = Counter()
+    for event in events:
+        totals[event["args"]["op_name"]] += event["dur"] * 1e-6
+    return totals
+
+
+def measure_gram_throughput(
     inputs: BenchmarkInputs,
     calibration_path: Path,
     calibration: Dataset,
     device: str,
-    passes: int,
+    repeats: int,
     results: SpeedResults,
     work_dir: Path,
 ) -> None:
-    """Profile the original and the calibration model and store the mean kernel time per pass and op type.
+    """Time the Gram products in ONNX Runtime and in numpy, interleaved pass by pass.
 
-    The first pass of each session is not left out, so the means include its one-time work.
+    Each repeat runs one profiled pass of the original model, one of the calibration
+    model, numpy's float32 X^T X for every Gram product of a pass, and one square
+    1024^3 numpy product. The first repeat warms up and is not counted. Stores medians
+    over the other repeats.
     """
     providers = execution_providers(device)
     widths = {width for _, width, _ in results.numpy_shapes}
-    plain_events = profile_kernel_times(inputs.model, calibration, providers, passes, work_dir)
-    calibration_events = profile_kernel_times(calibration_path, calibration, providers, passes, work_dir)
-
-    by_op: dict[str, list[float]] = {}
-    for index, events in enumerate((plain_events, calibration_events)):
-        for event in events:
-            by_op.setdefault(event["args"]["op_name"], [0.0, 0.0])[index] += event["dur"] * 1e-6 / passes
-    results.profile_by_op = {op: (plain, calib) for op, (plain, calib) in by_op.items()}
-    gram_events = [event for event in calibration_events if is_gram_matmul(event, widths)]
-    results.gram_matmul_seconds = sum(event["dur"] * 1e-6 for event in gram_events) / passes
-    results.profiled_passes = passes
-
-
-def median_seconds(function: Callable[[], Any], min_total_seconds: float = 0.3, min_runs: int = 5) -> float:
-    """Return the median time of `function` over at least `min_runs` calls and `min_total_seconds`."""
-    function()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_total_seconds:
-        times.append(timed(function)[0])
-    return statistics.median(times)
-
-
-def measure_numpy_matmul(results: SpeedResults) -> None:
-    """Time numpy's float32 X^T X for the Gram shapes of one pass and a square 1024^3 product."""
     rng = np.random.default_rng(0)
-    total = 0.0
-    for rows, width, count in results.numpy_shapes:
-        matrix = rng.standard_normal((rows, width), dtype=np.float32)
-        total += count * median_seconds(lambda: matrix.T @ matrix)
-    results.numpy_same_shape_seconds = total
-
+    matrices = [(rng.standard_normal((rows, width), dtype=np.float32), count) for rows, width, count in results.numpy_shapes]
     side = SQUARE_MATMUL_SIDE
     left = rng.standard_normal((side, side), dtype=np.float32)
     right = rng.standard_normal((side, side), dtype=np.float32)
-    results.numpy_square_flops_per_second = 2.0 * side**3 / median_seconds(lambda: left @ right)
+
+    def numpy_gram_pass() -> None:
+        for matrix, count in matrices:
+            for _ in range(count):
+                matrix.T @ matrix
+
+    plain_session = profiled_session(inputs.model, providers, work_dir)
+    calibration_session = profiled_session(calibration_path, providers, work_dir)
+    numpy_seconds, square_seconds = [], []
+    for _ in range(repeats + 1):
+        run_pass(plain_session, calibration)
+        run_pass(calibration_session, calibration)
+        numpy_seconds.append(timed(numpy_gram_pass)[0])
+        square_seconds.append(timed(lambda: left @ right)[0])
+
+    runs_per_pass = calibration.num_batches(BATCH_SIZE)
+    plain_passes = kernel_events_by_pass(plain_session, runs_per_pass)[1:]
+    calibration_passes = kernel_events_by_pass(calibration_session, runs_per_pass)[1:]
+    gram_seconds = [
+        sum(event["dur"] * 1e-6 for event in events if is_gram_matmul(event, widths)) for events in calibration_passes
+    ]
+    plain_by_op = [kernel_seconds_by_op(events) for events in plain_passes]
+    calibration_by_op = [kernel_seconds_by_op(events) for events in calibration_passes]
+    operators = sorted(set().union(*plain_by_op, *calibration_by_op))
+
+    results.profiled_passes = repeats
+    results.gram_matmul_seconds = statistics.median(gram_seconds)
+    results.profile_by_op = {
+        op: (statistics.median(t[op] for t in plain_by_op), statistics.median(t[op] for t in calibration_by_op))
+        for op in operators
+    }
+    results.numpy_same_shape_seconds = statistics.median(numpy_seconds[1:])
+    results.numpy_square_flops_per_second = 2.0 * side**3 / statistics.median(square_seconds[1:])
 
 
 # Speed: compressed model latency --------------------------------------------------------
@@ -733,41 +759,60 @@ def latency_table(latency: Sequence[LatencyResult], dense: DenseResult) -> str:
     return markdown_table(headers, rows, "ll" + "r" * 5)
 
 
-def reading(rows: Sequence[AccuracyRow], settings: Settings, speed: SpeedResults, dense: DenseResult) -> list[str]:
-    """Write the summary bullets from the measured numbers."""
+THREAD_LABELS = {"default": "ORT's default intra-op threads", "1": "one intra-op thread"}
+
+
+def accuracy_bullets(rows: Sequence[AccuracyRow], settings: Settings, dense: DenseResult, depth: int) -> list[str]:
     lookup = {(row.point.selector, row.point.compensation, row.point.sparsity): row.accuracy for row in rows}
-    selectors = settings.selectors
     bullets = []
     for sparsity in settings.sparsities:
-        gains = {s: lookup[(s, "ridge", sparsity)] - lookup[(s, "none", sparsity)] for s in selectors}
+        gains = {selector: lookup[(selector, "ridge", sparsity)] - lookup[(selector, "none", sparsity)] for selector in settings.selectors}
         best = max((row for row in rows if row.point.sparsity == sparsity), key=lambda row: row.accuracy)
         gain_text = ", ".join(f"{selector} {gain:+.2f}" for selector, gain in gains.items())
         bullets.append(
-            f"At {percent_label(sparsity)} sparsity, ridge compensation changes top-1 accuracy by {gain_text} "
-            f"points against plain slicing. The most accurate configuration is {best.point.selector} with "
+            f"At {percent_label(sparsity)} sparsity, ridge compensation changes top-1 accuracy against plain slicing "
+            f"by {gain_text} points. The most accurate configuration is {best.point.selector} with "
             f"{best.point.compensation} compensation at {best.accuracy:.2f}% ({best.accuracy - dense.accuracy:+.2f} "
-            f"points from dense)."
+            "points from dense)."
         )
 
+    losses = [row.point for row in rows if row.point.compensation == "ridge" and row.accuracy < lookup[(row.point.selector, "none", row.point.sparsity)]]
+    if losses:
+        listed = ", ".join(f"{point.selector} at {percent_label(point.sparsity)}" for point in losses)
+        bullets.append(f"Ridge compensation lowers accuracy for {listed}.")
+    else:
+        bullets.append("Ridge compensation raises accuracy for every selector at every sparsity measured.")
+
+    references = [] if settings.quick else reference_rows(rows, REFERENCE_ACCURACY.get(depth, {}))
+    if references:
+        largest = max(abs(float(row[3])) for row in references)
+        bullets.append(f"Against the {len(references)} reference figures, the largest difference is {largest:.2f} points.")
+    return bullets
+
+
+def speed_bullets(speed: SpeedResults, dense: DenseResult) -> list[str]:
     calibrate_ratio = ratio(statistics.median(speed.calibrate_end_to_end), statistics.median(speed.plain_end_to_end))
     loop_ratio = ratio(statistics.median(speed.calibrate_loop), statistics.median(speed.plain_loop))
     numpy_rate = ratio(speed.gram_flops, speed.numpy_same_shape_seconds)
     ort_rate = ratio(speed.gram_flops, speed.gram_matmul_seconds)
-    bullets.append(
-        f"Calibration over the {BATCH_SIZE}-image batches costs {calibrate_ratio:.2f}x one plain inference pass end "
-        f"to end and {loop_ratio:.2f}x in the batch loop alone. The Gram MatMuls in ONNX Runtime run at "
-        f"{ratio(ort_rate, numpy_rate):.2f}x numpy's rate for the same shapes and "
-        f"{ratio(ort_rate, speed.numpy_square_flops_per_second):.2f}x numpy's {SQUARE_MATMUL_SIDE}^3 matmul rate."
-    )
+    added = sorted(speed.profile_by_op.items(), key=lambda item: item[1][0] - item[1][1])[:3]
+    added_text = ", ".join(f"{op} {1e3 * (calib - plain):+.0f} ms" for op, (plain, calib) in added)
+    bullets = [
+        f"Calibration costs {calibrate_ratio:.2f}x one plain inference pass over the same images end to end and "
+        f"{loop_ratio:.2f}x in the batch loop alone. In the profile, the op types that add the most kernel time "
+        f"per pass are {added_text}.",
+        f"The Gram MatMuls in ONNX Runtime run at {ratio(ort_rate, numpy_rate):.2f}x numpy's float32 rate for the "
+        f"same shapes and {ratio(ort_rate, speed.numpy_square_flops_per_second):.2f}x numpy's "
+        f"{SQUARE_MATMUL_SIDE}^3 matmul rate.",
+    ]
     for entry in speed.latency:
         before_1, after_1 = entry.batch1_ms
         before_64, after_64 = entry.batch64_ms
         bullets.append(
-            f"At {percent_label(entry.sparsity)} sparsity with {entry.threads} intra-op threads, the compressed model "
+            f"At {percent_label(entry.sparsity)} sparsity with {THREAD_LABELS[entry.threads]}, the compressed model "
             f"has {entry.macs / dense.macs:.2f}x the MACs, {ratio(after_1, before_1):.2f}x the batch-1 latency and "
             f"{ratio(before_64, after_64):.2f}x the batch-{BATCH_SIZE} throughput of the original."
         )
-    bullets.append("All figures are measurements of one run on the machine above. They are not guarantees for other hardware.")
     return bullets
 
 
@@ -781,17 +826,31 @@ class RunInfo:
     command: str
     facts: dict[str, str]
     load_before: str
+    load_before_1min: float
     load_after: str = ""
     started: datetime.datetime = field(default_factory=lambda: datetime.datetime.now(datetime.timezone.utc))
     section_seconds: dict[str, float] = field(default_factory=dict)
 
 
-def format_report(info: RunInfo, dense: DenseResult, rows: Sequence[AccuracyRow], speed: SpeedResults, test_size: int) -> str:
+def load_note(info: RunInfo) -> str:
+    """State the measurement conditions, and whether other processes shared the CPUs."""
+    text = "These are measurements of one run on the machine above, not figures for other hardware."
+    if os.cpu_count() and info.load_before_1min > os.cpu_count():
+        text += (
+            f" The 1-minute load average at the start was {info.load_before_1min:.2f} on {os.cpu_count()} logical "
+            "CPUs, so other processes shared the CPUs during this run."
+        )
+    return text
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def header_section(info: RunInfo, test_size: int) -> list[str]:
     settings = info.settings
-    depth = info.depth
-    total_minutes = sum(info.section_seconds.values()) / 60
     lines = [
-        f"# Benchmark: ResNet-{depth} on the CIFAR-10 JPEG test copy",
+        f"# Benchmark: ResNet-{info.depth} on the CIFAR-10 JPEG test copy",
         "",
         f"Measured by `tools/benchmark_resnet.py` on {info.started:%Y-%m-%d %H:%M} UTC. Every number on this page "
         "was measured in that one run on the machine described below. The speed figures are ratios of runs "
@@ -801,9 +860,10 @@ def format_report(info: RunInfo, dense: DenseResult, rows: Sequence[AccuracyRow]
         lines += [
             "",
             f"**Quick run:** only the {', '.join(settings.selectors)} selector at sparsity "
-            f"{', '.join(map(percent_label, settings.sparsities))}, evaluated on the first {test_size} test images. "
-            "Its accuracies are not comparable to the reference figures.",
+            f"{', '.join(map(percent_label, settings.sparsities))}, evaluated on the first {test_size} test images, "
+            "with fewer timing repeats. Its accuracies are not comparable to the full run or to the reference figures.",
         ]
+    sections = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in info.section_seconds.items())
     lines += [
         "",
         "## How to regenerate",
@@ -816,20 +876,25 @@ def format_report(info: RunInfo, dense: DenseResult, rows: Sequence[AccuracyRow]
         "(`GRAIL_DATA_DIR`, see `tools/cifar10.py`). It exports the model with `tools/export_resnet_cifar.py` "
         "and writes the protocol split with `tools/cifar10.py`. With `--work-dir DIR` those files and the "
         "compressed models are kept in DIR and reused by the next run. `--quick` runs a reduced grid as a smoke test.",
-        f"This run took {total_minutes:.1f} minutes ("
-        + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in info.section_seconds.items())
-        + ").",
+        f"This run took {sum(info.section_seconds.values()) / 60:.1f} minutes ({sections}).",
         "",
         "## Machine",
         "",
         *(f"- {name}: {value}" for name, value in info.facts.items()),
         f"- load average (1, 5, 15 min) at start: {info.load_before}; at end: {info.load_after}",
         "",
+    ]
+    return lines
+
+
+def setup_section(info: RunInfo, dense: DenseResult, test_size: int) -> list[str]:
+    return [
         "## Setup",
         "",
-        f"- Model: ResNet-{depth} exported to ONNX opset 18 with every BatchNormalization kept as a node. "
-        f"grail-opt finds {dense.groups} channel groups ({dense.channels} channels, the first convolution of each "
-        f"residual block) and declines {dense.declined} candidates whose output reaches a residual Add.",
+        f"- Model: ResNet-{info.depth} exported to ONNX opset 18 with every BatchNormalization kept as a node. "
+        f"grail-opt finds {dense.groups} channel groups with {dense.channels} channels in all (the output of the "
+        f"first convolution in each residual block) and declines {dense.declined} other candidates, with the "
+        "reasons listed in the `compress_file` report.",
         f"- Calibration: the 512 calibration images of the protocol split. Evaluation: {test_size} labelled test "
         "images of the same split (`tools/cifar10.py`), top-1 accuracy in ONNX Runtime.",
         f"- Each cell is one `compress_file` call with the pipeline text of `default_pipeline` (alpha = {ALPHA:g}, "
@@ -838,34 +903,60 @@ def format_report(info: RunInfo, dense: DenseResult, rows: Sequence[AccuracyRow]
         "compressed model is scored with the same metric function against dense logits computed once.",
         "- The random selector uses seed 0, one draw per cell.",
         "",
+    ]
+
+
+def accuracy_section(info: RunInfo, dense: DenseResult, rows: Sequence[AccuracyRow]) -> list[str]:
+    sparsities = info.settings.sparsities
+    expected = EXPECTED_DENSE_ACCURACY.get(info.depth)
+    expected_text = f" (expected {expected:.2f}% on all 9,488 test images)" if expected is not None else ""
+    lines = [
         "## Accuracy",
         "",
-        f"Dense top-1 accuracy: **{dense.accuracy:.2f}%**"
-        + (f" (expected {EXPECTED_DENSE_ACCURACY[depth]:.2f}% on all 9,488 test images)." if depth in EXPECTED_DENSE_ACCURACY else "."),
+        f"Dense top-1 accuracy: **{dense.accuracy:.2f}%**{expected_text}.",
         "",
         "Top-1 accuracy (%) after removing the given fraction of each group's channels:",
         "",
-        accuracy_table(rows, settings.sparsities),
+        accuracy_table(rows, sparsities),
         "",
         "Accuracy gained by ridge compensation over plain slicing (ridge minus none, percentage points):",
         "",
-        compensation_gain_table(rows, settings.sparsities),
+        compensation_gain_table(rows, sparsities),
         "",
     ]
-    lines += reference_section(rows, depth)
+    table = reference_rows(rows, REFERENCE_ACCURACY.get(info.depth, {}))
+    if table and not info.settings.quick:
+        lines += [
+            "### Against the reference figures",
+            "",
+            "Reference: top-1 accuracy (%) of the GRAIL authors' setup (Tang et al., \"GRAIL: Post-hoc Compensation "
+            "by Linear Reconstruction for Compressed Networks\", CPAL 2026), quoted and not re-run here. Difference "
+            "is ours minus reference, in percentage points.",
+            "",
+            markdown_table(["selector, compensation, sparsity", "ours", "reference", "difference"], table),
+            "",
+        ]
     lines += [
         "### Model size",
         "",
         "Parameters count the float initializers. MACs count Conv, Gemm and MatMul at batch size 1 "
         "(`grail_graph.validation.model_cost`).",
         "",
-        size_table(rows, dense, settings.sparsities),
+        size_table(rows, dense, sparsities),
         "",
+    ]
+    return lines
+
+
+def speed_section(info: RunInfo, dense: DenseResult, speed: SpeedResults) -> list[str]:
+    settings = info.settings
+    shapes = ", ".join(f"{count} x ({rows}, {width})" for rows, width, count in speed.numpy_shapes)
+    return [
         "## Speed",
         "",
         f"### Calibration against one plain inference pass ({speed.calibration_samples} images, batch {BATCH_SIZE})",
         "",
-        f"Medians of {settings.timing_repeats} interleaved repeats.",
+        f"Medians over {plural(settings.timing_repeats, 'interleaved repeat')}.",
         "",
         calibration_table(speed),
         "",
@@ -873,53 +964,48 @@ def format_report(info: RunInfo, dense: DenseResult, rows: Sequence[AccuracyRow]
         "",
         f"One calibration pass computes {speed.gram_flops / 1e9:.2f} GFLOP of Gram products "
         "(the sum over groups of 2 * rows * H^2, one row per image and pixel). The ORT rate comes from the "
-        f"kernel times of the Gram MatMuls, averaged over {speed.profiled_passes} profiled passes. numpy computes "
-        "X^T X in float32 for the same "
-        "(rows, H) shapes and counts: "
-        + ", ".join(f"{count} x ({rows}, {width})" for rows, width, count in speed.numpy_shapes)
-        + ".",
+        "kernel times of the Gram MatMuls in profiled passes. numpy computes X^T X in float32 for the same "
+        f"(rows, H) shapes and counts: {shapes}. Each figure is the median over "
+        f"{plural(speed.profiled_passes, 'repeat')}, and each repeat runs the ORT passes and the numpy products "
+        "one after the other.",
         "",
         gram_table(speed),
         "",
-        f"Mean kernel time per pass and op type ({speed.profiled_passes} profiled passes of each model), sorted by "
-        "the time that calibration adds. Profiling adds overhead of its own, so compare these times with each "
-        "other rather than with the unprofiled passes above.",
+        f"Median kernel time per pass and op type over {plural(speed.profiled_passes, 'profiled pass')} of each "
+        "model, where a pass runs every calibration batch once. Rows are sorted by the time that calibration adds. "
+        "Profiling adds overhead of its own, so compare these times with each other rather than with the unprofiled "
+        "passes above.",
         "",
         profile_table(speed),
         "",
         "### Compressed model latency",
         "",
-        f"The wanda + ridge model of each sparsity against the original, with `validation.measure_latency` "
-        f"(medians, the two models alternating): {settings.latency_runs_batch1} runs at batch 1 and "
-        f"{settings.latency_runs_batch64} runs at batch {BATCH_SIZE}. All selectors give the same kept widths, "
-        "so the other compressed models have the same shapes. Latency ratio below 1 and throughput ratio above 1 "
-        "mean faster.",
+        "The wanda + ridge model of each sparsity against the original, the two models alternating: "
+        f"{settings.latency_runs_batch1} runs at batch 1 and {settings.latency_runs_batch64} runs at batch "
+        f"{BATCH_SIZE}, medians. Rows with default threads use `validation.measure_latency` (ORT's default session "
+        "options). Rows with one thread set `intra_op_num_threads=1`. All selectors give the same kept widths, so "
+        "the other compressed models have the same shapes. A latency ratio below 1 and a throughput ratio above 1 "
+        "mean that the compressed model is faster.",
         "",
         latency_table(speed.latency, dense),
         "",
+    ]
+
+
+def format_report(info: RunInfo, dense: DenseResult, rows: Sequence[AccuracyRow], speed: SpeedResults, test_size: int) -> str:
+    lines = [
+        *header_section(info, test_size),
+        *setup_section(info, dense, test_size),
+        *accuracy_section(info, dense, rows),
+        *speed_section(info, dense, speed),
         "## Reading",
         "",
-        *(f"- {bullet}" for bullet in reading(rows, settings, speed, dense)),
+        *(f"- {bullet}" for bullet in accuracy_bullets(rows, info.settings, dense, info.depth)),
+        *(f"- {bullet}" for bullet in speed_bullets(speed, dense)),
+        f"- {load_note(info)}",
         "",
     ]
     return "\n".join(lines)
-
-
-def reference_section(rows: Sequence[AccuracyRow], depth: int) -> list[str]:
-    references = REFERENCE_ACCURACY.get(depth, {})
-    table = reference_rows(rows, references)
-    if not table:
-        return []
-    return [
-        "### Against the reference figures",
-        "",
-        "Reference: top-1 accuracy (%) of the GRAIL authors' setup (Tang et al., \"GRAIL: Post-hoc Compensation "
-        "by Linear Reconstruction for Compressed Networks\", CPAL 2026), quoted and not re-run here. Difference "
-        "is ours minus reference, in percentage points.",
-        "",
-        markdown_table(["selector, compensation, sparsity", "ours", "reference", "difference"], table),
-        "",
-    ]
 
 
 def example_pipeline() -> str:
@@ -953,7 +1039,15 @@ def regenerate_command(args: argparse.Namespace) -> str:
 
 def run_benchmark(args: argparse.Namespace, work_dir: Path) -> str:
     settings = QUICK_SETTINGS if args.quick else FULL_SETTINGS
-    info = RunInfo(args.depth, settings, args.device, regenerate_command(args), machine_facts(args.device), load_average())
+    info = RunInfo(
+        args.depth,
+        settings,
+        args.device,
+        regenerate_command(args),
+        machine_facts(args.device),
+        load_average(),
+        os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0,
+    )
     providers = execution_providers(args.device)
 
     start = time.perf_counter()
@@ -977,8 +1071,7 @@ def run_benchmark(args: argparse.Namespace, work_dir: Path) -> str:
     speed_dir = work_dir / "speed"
     speed_dir.mkdir(exist_ok=True)
     calibration_path = measure_calibration(inputs, calibration, args.device, settings.timing_repeats, speed, speed_dir)
-    measure_gram_profile(inputs, calibration_path, calibration, args.device, settings.timing_repeats, speed, speed_dir)
-    measure_numpy_matmul(speed)
+    measure_gram_throughput(inputs, calibration_path, calibration, args.device, settings.timing_repeats, speed, speed_dir)
     speed.latency = measure_compressed_latency(inputs, rows, test, args.device, settings)
     info.section_seconds["speed"] = time.perf_counter() - start
     info.load_after = load_average()

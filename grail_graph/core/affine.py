@@ -67,6 +67,10 @@ def _solve_affine(
     cross is X_target^T X_source (H, K), source_gram is X_source^T X_source
     (K, K), the sums are (H,) and (K,), and count is the number of rows.
     Inputs must already be validated float64 arrays. Returns b (H, K) and c (H,).
+
+    NOTE: eliminating the constant centres the raw sums inside the solve, which
+    loses about 2 * log10(|mean| / std) digits per channel. With fp64 sums,
+    b and c stay near 1e-5 accurate up to |mean| / std of about 1e4.
     """
     width, size = cross.shape
     lam = ridge_lambda(source_gram, alpha)

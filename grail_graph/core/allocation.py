@@ -104,7 +104,7 @@ def error_curve(
     takes lam from the kept channels only, so for alpha > 0 the values differ
     slightly from that map's error. A channel whose Schur pivot is at or
     below 1e-12 * max(diag(G)) is a linear combination of the channels before
-    it: it gets a zero column in B_K, as with a pseudo-inverse, and adding it
+    it. It gets a zero column in B_K, as with a pseudo-inverse, so adding it
     leaves the error unchanged.
     """
     gram = _as_gram(gram)
@@ -255,17 +255,17 @@ def _allocate_flap(groups: Sequence[AllocationGroup], target: float, slack: floa
     owners = np.concatenate(
         [np.full(group.width, index) for index, group in enumerate(groups)]
     )
-    kept = [group.width for group in groups]
+    kept_widths = [group.width for group in groups]
     removed = 0.0
     # The stable sort breaks ties by group order, then by channel index.
     for position in np.argsort(standardised, kind="stable"):
         if removed >= target - slack:
             break
         owner = int(owners[position])
-        if kept[owner] > groups[owner].min_width:
-            kept[owner] -= 1
+        if kept_widths[owner] > groups[owner].min_width:
+            kept_widths[owner] -= 1
             removed += groups[owner].cost_per_channel
-    return kept
+    return kept_widths
 
 
 def _allocate_by_error(
@@ -282,7 +282,7 @@ def _allocate_by_error(
         increase = group.error_curve[width - 1] - group.error_curve[width]
         return group.error_scale * increase / group.cost_per_channel
 
-    kept = [group.width for group in groups]
+    kept_widths = [group.width for group in groups]
     # One heap entry per group, for the removal of its next channel. Ties go to
     # the lower group index.
     heap = [
@@ -293,15 +293,15 @@ def _allocate_by_error(
     heapq.heapify(heap)
     removed = 0.0
     # NOTE: greedy removal is optimal only for convex error curves. A curve that
-    # rises steeply for the first removed channel and then flattens is pruned
-    # less than an exact knapsack solution would prune it.
+    # rises steeply for the first removed channel and then flattens can end up
+    # pruned less than an exact knapsack solution would prune it.
     while heap and removed < target - slack:
         _, index = heapq.heappop(heap)
-        kept[index] -= 1
+        kept_widths[index] -= 1
         removed += groups[index].cost_per_channel
-        if kept[index] > groups[index].min_width:
-            heapq.heappush(heap, (marginal_cost(index, kept[index]), index))
-    return kept
+        if kept_widths[index] > groups[index].min_width:
+            heapq.heappush(heap, (marginal_cost(index, kept_widths[index]), index))
+    return kept_widths
 
 
 def allocate_widths(

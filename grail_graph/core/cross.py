@@ -1,6 +1,6 @@
 """Cross statistics for compensation from a compressed prefix.
 
-When the layers before a tap are already compressed, the consumer sees source
+When the layers before a tap are already compressed, the consumer receives source
 activations X_source (n, K) from the compressed network but should reproduce
 the target activations X_target (n, H) of the original one. The ridge map
 b (H, K) with h_target ~= b h_source then needs only

@@ -30,14 +30,34 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Trace `model` with torch.fx.symbolic_trace, with a clear error when it cannot."""
+def trace(model: nn.Module, example_inputs=None) -> fx.GraphModule:
+    """Trace `model` with torch.fx.symbolic_trace, else with torch.export on the examples.
+
+    symbolic_trace keeps module calls; torch.export gives an ATen-level graph whose
+    parameters keep their qualified names, and it handles Python control flow that
+    depends only on shapes.
+    """
     try:
         return fx.symbolic_trace(model)
-    except Exception as error:  # tracing failures come in many types
+    except Exception as symbolic_error:  # tracing failures come in many types
+        if example_inputs is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__} cannot be traced with torch.fx.symbolic_trace "
+                f"({type(symbolic_error).__name__}: {symbolic_error})",
+                "Pass example inputs so that torch.export can trace it, or export it to ONNX and pass the .onnx file.",
+            ) from symbolic_error
+    args, kwargs = (), {}
+    if isinstance(example_inputs, dict):
+        kwargs = example_inputs
+    else:
+        args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    try:
+        return torch.export.export(model, args, kwargs).module()
+    except Exception as error:  # torch.export raises many unrelated types
         raise UnsupportedModelError(
-            f"{type(model).__name__} cannot be traced with torch.fx.symbolic_trace ({type(error).__name__}: {error})",
-            "Make the forward free of data-dependent control flow, or export the model to ONNX and pass the .onnx file.",
+            f"{type(model).__name__} cannot be traced with torch.fx.symbolic_trace or torch.export "
+            f"({type(error).__name__}: {error})",
+            "Export the model to ONNX yourself and pass the .onnx file.",
         ) from error
 
 
@@ -48,13 +68,13 @@ class FxFrontEnd:
         self.device = resolve_device(device)
         self.model = copy.deepcopy(model).eval().to(self.device)
         self.example_inputs = example_inputs
-        self.graph_module = trace(self.model)
+        self.graph_module = trace(self.model, self._example_on_device())
         self.metadata: dict[str, str] = {}
 
     # FrontEnd interface -------------------------------------------------------------------
 
     def find_groups(self) -> tuple[list[ChannelGroup], list[Declined]]:
-        return matcher.find_groups(self.graph_module)
+        return matcher.find_groups(self.graph_module, self.model)
 
     def producer_weights(self, group: ChannelGroup) -> list[np.ndarray]:
         return [np.moveaxis(to_numpy(get_tensor(self.model, r.node)), r.axis, 0) for r in group.producers]
@@ -72,7 +92,7 @@ class FxFrontEnd:
 
     def apply(self, plans: list[GroupPlan]) -> None:
         apply_plans(self.model, plans)
-        self.graph_module = trace(self.model)
+        self.graph_module = trace(self.model, self._example_on_device())
 
     def verify(self) -> None:
         """Lint the re-traced graph and run one forward pass on the example inputs."""
@@ -86,6 +106,16 @@ class FxFrontEnd:
             raise GrailError(f"the rewritten module fails on the example inputs: {error}") from error
 
     # Output -----------------------------------------------------------------------------
+
+    def _example_on_device(self):
+        if self.example_inputs is None:
+            return None
+        example = self._to_torch(self.example_inputs)
+        if isinstance(example, dict):
+            return {key: value.to(self.device) for key, value in example.items()}
+        if isinstance(example, (tuple, list)):
+            return tuple(value.to(self.device) for value in example)
+        return example.to(self.device)
 
     def _to_torch(self, batch):
         if isinstance(batch, Mapping) and all(isinstance(v, np.ndarray) for v in batch.values()):

@@ -39,9 +39,11 @@ class _Region:
 class FxGroupMatcher:
     """Match every dense Conv / Linear of a GraphModule into groups or declined candidates."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, model: torch.nn.Module | None = None) -> None:
         self.gm = gm
-        self.calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
+        self.model = model if model is not None else gm
+        linears = (ops.describe_linear(gm, node) for node in gm.graph.nodes)
+        self.calls = Counter(linear.module for linear in linears if linear is not None)
 
     def run(self) -> tuple[list[ChannelGroup], list[Declined]]:
         groups: list[ChannelGroup] = []
@@ -49,16 +51,19 @@ class FxGroupMatcher:
         claimed: set[str] = set()
         for node in self.gm.graph.nodes:
             linear = ops.describe_linear(self.gm, node)
-            if linear is None or linear.depthwise or ops.is_grouped(self.gm, linear) or node.target in claimed:
+            if linear is None or linear.depthwise or linear.module in claimed:
+                continue
+            if ops.is_grouped(self.gm, linear):
+                declined.append(Declined(linear.module, f"producer {ops.describe(self.gm, node)} is a grouped convolution"))
                 continue
             region = _Region(linear.width, linear.channels_last, linear.rank)
             try:
                 self._add_producer(region, node)
                 self._grow(region)
-                group = self._finish(region, f"g{len(groups)}:{node.target}")
+                group = self._finish(region, f"g{len(groups)}:{linear.module}")
             except Decline as reason:
                 claimed.update(region.producers)
-                declined.append(Declined(", ".join(sorted(region.producers)) or node.target, str(reason)))
+                declined.append(Declined(", ".join(sorted(region.producers)) or linear.module, str(reason)))
                 continue
             claimed.update(region.producers)
             groups.append(group)
@@ -67,8 +72,9 @@ class FxGroupMatcher:
     # Growing the region -------------------------------------------------------------
 
     def _check_single_call(self, node: fx.Node) -> None:
-        if self.calls[node.target] > 1:
-            raise Decline(f"module `{node.target}` is called {self.calls[node.target]} times in the graph")
+        module = ops.describe_linear(self.gm, node).module
+        if self.calls[module] > 1:
+            raise Decline(f"module `{module}` is called {self.calls[module]} times in the graph")
 
     def _add_producer(self, region: _Region, node: fx.Node) -> None:
         linear = ops.describe_linear(self.gm, node)
@@ -105,6 +111,8 @@ class FxGroupMatcher:
             for name in tensors:
                 region.narrowed[name] = WeightRef(name, 0, 0)
             self._add_value(region, user)
+        elif ops.is_pooling(self.gm, user) and first and not region.channels_last:
+            self._add_value(region, user)
         elif ops.is_elementwise(self.gm, user) and first:
             if any(isinstance(arg, fx.Node) for arg in [*user.args[1:], *user.kwargs.values()]):
                 raise Decline(f"{ops.describe(self.gm, user)} takes a second tensor argument")
@@ -130,6 +138,8 @@ class FxGroupMatcher:
         if linear.in_width != region.width:
             raise Decline(f"consumer {ops.describe(self.gm, user)} expects {linear.in_width} channels, not {region.width}")
         self._check_single_call(user)
+        if not ops.is_module_call(self.gm, self.model, linear):
+            raise Decline(f"consumer {ops.describe(self.gm, user)} is not a Conv or Linear module call")
         region.consumers[linear.module] = (linear, value)
 
     def _operands(self, user: fx.Node) -> list:
@@ -171,7 +181,7 @@ class FxGroupMatcher:
         self._add_value(region, node)
 
     def _narrow_constant(self, region: _Region, user: fx.Node, constant: fx.Node) -> None:
-        tensor = _get_tensor(self.gm, constant.target)
+        tensor = ops.get_tensor(self.gm, constant.target)
         from_end = 1 if region.channels_last else region.rank - 1
         if tensor.ndim < from_end:
             return
@@ -203,11 +213,6 @@ class FxGroupMatcher:
         )
 
 
-def _get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner, _, attribute = target.rpartition(".")
-    return getattr(gm.get_submodule(owner) if owner else gm, attribute)
-
-
-def find_groups(gm: fx.GraphModule) -> tuple[list[ChannelGroup], list[Declined]]:
-    """Return the compressible groups of a traced module and every declined candidate."""
-    return FxGroupMatcher(gm).run()
+def find_groups(gm: fx.GraphModule, model: torch.nn.Module | None = None) -> tuple[list[ChannelGroup], list[Declined]]:
+    """Return the compressible groups of a traced `model` and every declined candidate."""
+    return FxGroupMatcher(gm, model).run()

@@ -20,11 +20,20 @@ ELEMENTWISE_MODULES = (
     nn.Tanh, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout2d,
     nn.Hardtanh, nn.PReLU,
 )  # fmt: skip
+# Pooling works on each channel of an NCHW tensor separately, so it keeps channels in place.
+POOLING_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
+)  # fmt: skip
 ELEMENTWISE_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
     F.elu, F.selu, F.celu, F.mish, F.softplus, F.dropout, F.hardtanh, torch.relu, torch.sigmoid,
     torch.tanh, torch.erf, torch.exp, torch.sqrt, torch.neg, torch.abs, torch.clamp, torch.clip,
     operator.neg,
+}  # fmt: skip
+POOLING_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_max_pool2d,
 }  # fmt: skip
 ELEMENTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "erf", "exp", "sqrt", "neg", "abs",
@@ -35,6 +44,18 @@ BINARY_FUNCTIONS = {
     torch.add, torch.sub, torch.mul, torch.div,
 }  # fmt: skip
 BINARY_METHODS = {"add", "add_", "sub", "mul", "mul_", "div", "div_"}
+
+# The same vocabulary at the ATen level, for graphs from torch.export (matched by packet,
+# so that every overload such as relu.default and relu_.default is covered).
+aten = torch.ops.aten
+ATEN_CONVOLUTIONS = {aten.conv1d, aten.conv2d, aten.conv3d}
+ATEN_ELEMENTWISE = {
+    aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.sigmoid, aten.tanh, aten.hardswish,
+    aten.hardswish_, aten.hardsigmoid, aten.hardtanh, aten.hardtanh_, aten.leaky_relu, aten.elu,
+    aten.erf, aten.exp, aten.neg, aten.clamp, aten.dropout, aten.clone, aten.mish,
+}  # fmt: skip
+ATEN_POOLING = {aten.max_pool1d, aten.max_pool2d, aten.avg_pool1d, aten.avg_pool2d, aten.adaptive_avg_pool2d}
+ATEN_BINARY = {aten.add, aten.add_, aten.mul, aten.mul_, aten.sub, aten.div}
 # Reading these attributes of a tensor does not depend on its channel count.
 HARMLESS_ATTRIBUTES = {"ndim", "dtype", "device", "is_cuda"}
 
@@ -53,8 +74,39 @@ class LinearOp:
     depthwise: bool = False
 
 
+def _packet(node: fx.Node):
+    return getattr(node.target, "overloadpacket", None) if node.op == "call_function" else None
+
+
+def get_tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner, _, attribute = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attribute)
+
+
+def _describe_aten_linear(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
+    """Describe aten.linear / aten.convNd whose weight is a get_attr of the original module."""
+    packet = _packet(node)
+    if packet is not aten.linear and packet not in ATEN_CONVOLUTIONS:
+        return None
+    weight_node = node.args[1] if len(node.args) > 1 else None
+    bias_node = node.args[2] if len(node.args) > 2 else None
+    if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
+        return None
+    weight = get_tensor(gm, weight_node.target)
+    bias = bias_node.target if isinstance(bias_node, fx.Node) and bias_node.op == "get_attr" else None
+    module = weight_node.target.rpartition(".")[0]
+    if packet is aten.linear:
+        return LinearOp(module, weight_node.target, bias, weight.shape[0], weight.shape[1], True, None)
+    groups = node.args[6] if len(node.args) > 6 else 1
+    depthwise = groups > 1 and weight.shape[1] == 1 and groups == weight.shape[0]
+    in_width = weight.shape[1] if groups == 1 else (groups if depthwise else -1)
+    return LinearOp(module, weight_node.target, bias, weight.shape[0], in_width, False, weight.ndim, depthwise)
+
+
 def describe_linear(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
-    """Describe a Conv / Linear module call (dense or depthwise), else return None."""
+    """Describe a Conv / Linear call (dense or depthwise), else return None."""
+    if node.op == "call_function":
+        return _describe_aten_linear(gm, node)
     if node.op != "call_module":
         return None
     module = gm.get_submodule(node.target)
@@ -82,6 +134,12 @@ def batchnorm_tensors(gm: fx.GraphModule, node: fx.Node) -> list[str] | None:
         module = gm.get_submodule(node.target)
         names = ["weight", "bias", "running_mean", "running_var"]
         return [f"{node.target}.{name}" for name in names if getattr(module, name, None) is not None]
+    if _packet(node) is aten.batch_norm:
+        tensors = node.args[1:5]
+        training = node.args[5] if len(node.args) > 5 else False
+        if training or not all(isinstance(t, fx.Node) and t.op == "get_attr" for t in tensors):
+            return None
+        return [t.target for t in tensors]
     if node.op == "call_function" and node.target is F.batch_norm:
         arguments = list(node.args[1:3]) + [node.kwargs.get("weight"), node.kwargs.get("bias")]
         arguments += [a for a in node.args[3:5]]
@@ -99,21 +157,36 @@ def is_elementwise(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), ELEMENTWISE_MODULES)
     if node.op == "call_function":
-        return node.target in ELEMENTWISE_FUNCTIONS
+        return node.target in ELEMENTWISE_FUNCTIONS or _packet(node) in ATEN_ELEMENTWISE
     if node.op == "call_method":
         return node.target in ELEMENTWISE_METHODS
     return False
 
 
+def is_pooling(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), POOLING_MODULES)
+    return node.op == "call_function" and (node.target in POOLING_FUNCTIONS or _packet(node) in ATEN_POOLING)
+
+
 def is_binary(node: fx.Node) -> bool:
     if node.op == "call_function":
-        return node.target in BINARY_FUNCTIONS
+        return node.target in BINARY_FUNCTIONS or _packet(node) in ATEN_BINARY
     return node.op == "call_method" and node.target in BINARY_METHODS
 
 
 def is_harmless_use(node: fx.Node) -> bool:
     """True for uses that read only metadata, such as `getattr(x, "ndim")`."""
     return node.op == "call_function" and node.target is getattr and node.args[1] in HARMLESS_ATTRIBUTES
+
+
+def is_module_call(gm: fx.GraphModule, model: torch.nn.Module, op: LinearOp) -> bool:
+    """True when `op.module` is a Conv / Linear module of `model`, so a hook sees its input."""
+    try:
+        module = model.get_submodule(op.module)
+    except AttributeError:
+        return False
+    return isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
 
 
 def describe(gm: fx.GraphModule, node: fx.Node) -> str:

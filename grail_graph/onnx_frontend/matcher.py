@@ -25,6 +25,8 @@ ELEMENTWISE_UNARY = frozenset(
         "Softsign", "Sqrt", "Tanh", "ThresholdedRelu",
     }
 )  # fmt: skip
+# Pooling works on each channel of an NCHW tensor separately, so it keeps channels in place.
+POOLING = frozenset({"AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "MaxPool"})
 # Elementwise ops with two operands; a constant operand must be per-channel or broadcast.
 ELEMENTWISE_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "PRelu", "Max", "Min"})
 LINEAR_OPS = frozenset({"Conv", "Gemm", "MatMul"})
@@ -89,6 +91,24 @@ def describe_linear(node: ir.Node) -> _Linear | None:
     return None
 
 
+def _not_a_producer(node: ir.Node) -> str | None:
+    """Return why a Conv / Gemm / MatMul with a constant weight is no candidate, else None.
+
+    Nodes without a constant weight (attention products) and depthwise convolutions
+    (channel-wise ops inside other groups) are not candidates and get no verdict.
+    """
+    weight = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+    if weight is None:
+        return None
+    if node.op_type == "Conv":
+        if weight.shape[1] == 1 and _attr(node, "group", 1) == weight.shape[0]:
+            return None
+        return f"producer `{node.name}` is a grouped convolution (group={_attr(node, 'group', 1)})"
+    if node.op_type == "Gemm" and _attr(node, "transA", 0):
+        return f"producer `{node.name}` is a Gemm with transA=1"
+    return f"producer `{node.name}` has a weight of rank {weight.ndim}, not 2"
+
+
 def _is_depthwise(node: ir.Node, width: int) -> bool:
     weight = constant_array(node.inputs[1]) if node.op_type == "Conv" else None
     return (
@@ -129,6 +149,9 @@ class GroupMatcher:
                 continue
             linear = describe_linear(node)
             if linear is None:
+                reason = _not_a_producer(node)
+                if reason:
+                    declined.append(Declined(node.name, reason))
                 continue
             region = _Region(linear.width, linear.channels_last, linear.rank)
             try:
@@ -183,6 +206,9 @@ class GroupMatcher:
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 region.narrowed[(node.name, 2)] = WeightRef(node.name, 2, 0)
             region.width_attributes.add((node.name, "group"))
+            self._add_value(region, node.outputs[0])
+        elif op in POOLING and not region.channels_last and not node.outputs[1:]:
+            region.channel_ops.add(node.name)
             self._add_value(region, node.outputs[0])
         elif op in ELEMENTWISE_UNARY or (op == "Clip" and index == 0):
             self._check_scalar_inputs(node, skip=index)

@@ -1,0 +1,103 @@
+"""Tests for the pure helpers of tools/benchmark_resnet.py (no model, data or timing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tools import benchmark_resnet as bench
+
+
+def make_row(selector: str, compensation: str, sparsity: float, accuracy: float) -> bench.AccuracyRow:
+    point = bench.GridPoint(selector, compensation, sparsity)
+    return bench.AccuracyRow(point, accuracy, 0.9, 100, 1000, 1.0, None, Path(f"{point.label}.onnx"))
+
+
+def test_grid_points_full_and_quick():
+    full = bench.grid_points(bench.FULL_SETTINGS.selectors, bench.FULL_SETTINGS.sparsities)
+    quick = bench.grid_points(bench.QUICK_SETTINGS.selectors, bench.QUICK_SETTINGS.sparsities)
+
+    assert len(full) == 4 * 2 * 3
+    assert len(set(full)) == len(full)
+    assert {point.compensation for point in full} == {"ridge", "none"}
+    assert quick == [bench.GridPoint("wanda", "ridge", 0.5), bench.GridPoint("wanda", "none", 0.5)]
+
+
+def test_grid_point_label():
+    assert bench.GridPoint("gram", "none", 0.7).label == "gram-none-0.7"
+
+
+def test_gram_flops_sums_groups():
+    # 2 * rows * H^2 per group
+    assert bench.gram_flops([(10, 4), (3, 2)]) == 2 * 10 * 16 + 2 * 3 * 4
+    assert bench.gram_flops([]) == 0.0
+
+
+def test_gram_product_shapes_counts_batches():
+    shapes = bench.gram_product_shapes([(1024, 16), (256, 32), (1024, 16)], [64, 64, 8])
+
+    assert shapes == [(2048, 32, 1), (8192, 16, 2), (16384, 32, 2), (65536, 16, 4)]
+
+
+def test_gram_product_shapes_match_flops():
+    rows_and_widths = [(1024, 16), (64, 64)]
+    batch_sizes = [64] * 8
+    shapes = bench.gram_product_shapes(rows_and_widths, batch_sizes)
+    total_rows = [(rows * sum(batch_sizes), width) for rows, width in rows_and_widths]
+
+    assert sum(2 * rows * width**2 * count for rows, width, count in shapes) == bench.gram_flops(total_rows)
+
+
+def test_markdown_table_alignment():
+    table = bench.markdown_table(["name", "value"], [["a", "1"], ["b", "22"]])
+
+    assert table.splitlines() == ["| name | value |", "| --- | ---: |", "| a | 1 |", "| b | 22 |"]
+
+
+def test_markdown_table_rejects_short_row():
+    with pytest.raises(ValueError, match="one entry per header"):
+        bench.markdown_table(["name", "value"], [["a"]])
+
+
+def test_reference_rows_difference():
+    rows = [make_row("wanda", "ridge", 0.3, 75.0), make_row("gram", "ridge", 0.3, 70.0)]
+
+    table = bench.reference_rows(rows, {("wanda", "ridge", 0.3): 74.27})
+
+    assert table == [["wanda, ridge, 30%", "75.00", "74.27", "+0.73"]]
+
+
+def test_compensation_gain_table():
+    rows = [make_row("wanda", "ridge", 0.5, 55.0), make_row("wanda", "none", 0.5, 35.5)]
+
+    table = bench.compensation_gain_table(rows, [0.5])
+
+    assert table.splitlines()[-1] == "| wanda | +19.50 |"
+
+
+def test_is_gram_matmul():
+    def event(op: str, shape: list[int]) -> dict:
+        return {"args": {"op_name": op, "output_type_shape": [{"float": shape}]}}
+
+    assert bench.is_gram_matmul(event("FusedMatMul", [16, 16]), {16, 32})
+    assert bench.is_gram_matmul(event("MatMul", [32, 32]), {16, 32})
+    assert not bench.is_gram_matmul(event("MatMul", [64, 64]), {16, 32})
+    assert not bench.is_gram_matmul(event("MatMul", [16, 32]), {16, 32})
+    assert not bench.is_gram_matmul(event("Conv", [16, 16]), {16})
+
+
+def test_span_and_plural():
+    assert bench.span([1000]) == "1,000"
+    assert bench.span([1000, 2000]) == "1,000 to 2,000"
+    assert bench.plural(1, "repeat") == "1 repeat"
+    assert bench.plural(5, "repeat") == "5 repeats"
+
+
+def test_write_atomically_replaces_file(tmp_path):
+    path = tmp_path / "docs" / "benchmarks.md"
+    bench.write_atomically(path, "first\n")
+    bench.write_atomically(path, "second\n")
+
+    assert path.read_text() == "second\n"
+    assert [entry.name for entry in path.parent.iterdir()] == ["benchmarks.md"]
