@@ -1,4 +1,4 @@
-"""The `grail-opt` command line: compress one or many ONNX models."""
+"""The `grail-opt` command line: compress one or many models (ONNX files or PyTorch specs)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from grail_graph.onnx_frontend.calibration import execution_providers
 from grail_graph.passes import describe_passes, parse_pipeline, print_pipeline
 from grail_graph.passes.transform import COMPENSATIONS
 from grail_graph.report import format_batch_table, format_summary
+from grail_graph.torch_models import spec_stem
 
 EXIT_USAGE = 2
 EXIT_SOME_FAILED = 1
@@ -36,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Remove hidden channels from ONNX models and compensate the consumers "
         "with a closed-form ridge fit on unlabeled calibration data (GRAIL).",
     )
-    parser.add_argument("models", nargs="*", type=Path, help="ONNX model files")
+    parser.add_argument(
+        "models", nargs="*", type=Path,
+        help="ONNX files, timm:NAME, saved nn.Module files (.pt) or exported programs (.pt2)",
+    )  # fmt: skip
     parser.add_argument("-o", "--output", type=Path, help="output model path (one input model)")
     parser.add_argument("--out-dir", type=Path, help="output folder; each model is written as NAME.grail.onnx")
     data = parser.add_argument_group("data")
@@ -46,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-size", type=int, help="square image side in pixels (default: the model's input size)")
     data.add_argument("--mean", type=_floats, default=IMAGENET_MEAN, help="per-channel mean after scaling to [0, 1]")
     data.add_argument("--std", type=_floats, default=IMAGENET_STD, help="per-channel std after scaling to [0, 1]")
+    torch_group = parser.add_argument_group("PyTorch models")
+    torch_group.add_argument("--weights", type=Path, help="checkpoint for a timm:NAME model (default: the local cache)")
+    torch_group.add_argument("--random-weights", action="store_true", help="build a timm:NAME model with random weights")
     method = parser.add_argument_group("method")
     method.add_argument("--sparsity", type=float, default=0.5, help="fraction of each group's channels removed, in [0, 1)")
     method.add_argument("--selector", choices=SELECTORS, default="wanda", help="channel selector")
@@ -98,7 +105,7 @@ def _outputs(args: argparse.Namespace) -> list[Path]:
         raise GrailError("no output path given", "Add -o OUTPUT.onnx, or --out-dir FOLDER for several models.")
     if args.out_dir.exists() and not args.out_dir.is_dir():
         raise GrailError(f"--out-dir {str(args.out_dir)!r} is a file", "Give a folder path.")
-    names = [model.name.removesuffix(".onnx") + ".grail.onnx" for model in args.models]
+    names = [spec_stem(model) + ".grail.onnx" for model in args.models]
     if len(set(names)) != len(names):
         raise GrailError("two input models have the same file name", "Convert them in separate calls.")
     return [args.out_dir / name for name in names]
@@ -154,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         calib=args.calib,
         eval=args.eval,
         images=ImageOptions(args.image_size, args.mean, args.std),
+        weights=args.weights,
+        random_weights=args.random_weights,
         device=args.device,
         show_progress=not args.quiet and sys.stderr.isatty(),
         verify_each=not args.no_verify_each,

@@ -66,6 +66,31 @@ class Dataset:
         return Dataset(arrays, labels, self.source)
 
 
+def infer_input_specs(path: str | Path, images: ImageOptions | None = None) -> list[InputSpec]:
+    """Derive input specs from a data file, for models that do not declare their inputs.
+
+    Arrays keep their trailing shape with a dynamic sample axis; floating arrays become
+    float32. An image folder needs `images.size` and gives one (N, 3, size, size) input.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if images is None or images.size is None:
+            raise DataError(f"the input size for image folder {str(path)!r} is unknown", "Give it with --image-size.")
+        return [InputSpec("input", np.dtype(np.float32), (None, 3, images.size, images.size))]
+    if path.suffix == ".npy":
+        arrays = {"input": np.load(path, mmap_mode="r", allow_pickle=False)}
+    elif path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files if key != LABELS_KEY}
+    else:
+        raise DataError(f"cannot derive model inputs from {str(path)!r}", "Pass an .npz or .npy file, or an image folder.")
+    specs = []
+    for name, array in arrays.items():
+        dtype = np.dtype(np.float32) if np.issubdtype(array.dtype, np.floating) else array.dtype
+        specs.append(InputSpec(name, dtype, (None, *array.shape[1:])))
+    return specs
+
+
 def load_dataset(
     path: str | Path, specs: Sequence[InputSpec], images: ImageOptions | None = None, role: str = "calibration"
 ) -> Dataset:

@@ -7,14 +7,16 @@ could run one job per worker process without change.
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from grail_graph.data import Dataset, ImageOptions, InputSpec, load_dataset
+from grail_graph.data import Dataset, ImageOptions, InputSpec, infer_input_specs, load_dataset
 from grail_graph.errors import GrailError
 from grail_graph.onnx_frontend.frontend import OnnxFrontEnd
+from grail_graph.torch_models import is_torch_spec, load_torch_model
 from grail_graph.passes import CompressionState, parse_pipeline, print_pipeline, run_pipeline
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,9 @@ class JobOptions:
     calib: Path | None = None
     eval: Path | None = None
     images: ImageOptions = ImageOptions()
+    weights: Path | None = None
+    """Checkpoint for a `timm:NAME` model; without it the local cache is used."""
+    random_weights: bool = False
     device: str = "auto"
     show_progress: bool = False
     verify_each: bool = True
@@ -84,31 +89,67 @@ def _load_data(options: JobOptions, specs: list[InputSpec]) -> tuple[Dataset | N
     return calibration.subset(0, kept), calibration.subset(kept), note
 
 
-def compress_file(model_path: str | Path, output_path: str | Path, options: JobOptions) -> dict[str, Any]:
-    """Compress one ONNX model file, write the result atomically and return the report."""
-    model_path, output_path = Path(model_path), Path(output_path)
-    if output_path.resolve() == model_path.resolve():
+def _open_onnx(model_path: Path, options: JobOptions):
+    frontend = OnnxFrontEnd.load(model_path, options.device)
+    specs = [InputSpec(name, dtype, shape) for name, dtype, shape in frontend.input_specs()]
+    calibration, evaluation, note = _load_data(options, specs)
+    return frontend, calibration, evaluation, note, str(model_path)
+
+
+def _open_torch(spec: str, options: JobOptions, folder: Path):
+    """Load a PyTorch model, its data, and export the uncompressed model as the reference."""
+    from grail_graph.fx_frontend.export import export_onnx
+    from grail_graph.fx_frontend.frontend import FxFrontEnd
+
+    loaded = load_torch_model(spec, options.weights, options.random_weights)
+    source = options.calib or options.eval
+    if loaded.input_specs is None and source is None:
+        raise GrailError(f"the inputs of {spec} are unknown", "Pass --calib data keyed by input name.")
+    specs = loaded.input_specs or infer_input_specs(source, options.images)
+    calibration, evaluation, note = _load_data(options, specs)
+    data = calibration if calibration is not None else evaluation
+    if data is None:
+        raise GrailError(f"compressing {spec} needs example inputs", "Pass --calib data.")
+    example = next(data.subset(0, 2).batches(2))
+    names = [input_spec.name for input_spec in specs]
+    frontend = FxFrontEnd(loaded.module, example, options.device, input_names=names)
+    reference = folder / "reference.onnx"
+    export_onnx(frontend.model, frontend.example_tensors(), reference, input_names=names)
+    return frontend, calibration, evaluation, note, str(reference)
+
+
+def compress_file(model_spec: str | Path, output_path: str | Path, options: JobOptions) -> dict[str, Any]:
+    """Compress one model, write the result atomically and return the report.
+
+    `model_spec` is an ONNX file, `timm:NAME`, a saved nn.Module (.pt) or an exported
+    program (.pt2); PyTorch models are written as ONNX.
+    """
+    output_path = Path(output_path)
+    torch_model = is_torch_spec(model_spec)
+    if not torch_model and output_path.resolve() == Path(model_spec).resolve():
         raise GrailError(f"output path {str(output_path)!r} is the input model", "Choose another path with -o.")
     if output_path.is_dir():
         raise GrailError(f"output path {str(output_path)!r} is a folder", "Give a file name such as small.onnx.")
     passes = parse_pipeline(options.pipeline)
-    frontend = OnnxFrontEnd.load(model_path, options.device)
-    specs = [InputSpec(name, dtype, shape) for name, dtype, shape in frontend.input_specs()]
-    calibration, evaluation, evaluation_note = _load_data(options, specs)
-
-    state = CompressionState(
-        frontend=frontend,
-        calibration=calibration,
-        evaluation=evaluation,
-        reference_model=str(model_path),
-        device=options.device,
-        show_progress=options.show_progress,
-    )
-    records = run_pipeline(passes, state, verify_each=options.verify_each)
+    with tempfile.TemporaryDirectory(prefix="grail-job-") as folder:
+        if torch_model:
+            opened = _open_torch(str(model_spec), options, Path(folder))
+        else:
+            opened = _open_onnx(Path(model_spec), options)
+        frontend, calibration, evaluation, evaluation_note, reference = opened
+        state = CompressionState(
+            frontend=frontend,
+            calibration=calibration,
+            evaluation=evaluation,
+            reference_model=reference,
+            device=options.device,
+            show_progress=options.show_progress,
+        )
+        records = run_pipeline(passes, state, verify_each=options.verify_each)
     if not state.groups:
         reasons = "; ".join(f"{d.candidate}: {d.reason}" for d in state.declined) or "no Conv, Gemm or MatMul with constant weights"
         raise GrailError(
-            f"{model_path} has no compressible channel group ({reasons})",
+            f"{model_spec} has no compressible channel group ({reasons})",
             "Nothing was written. grail-opt narrows hidden channels between a Conv, Gemm or MatMul "
             "and the Conv, Gemm or MatMul that reads them.",
         )
@@ -118,7 +159,7 @@ def compress_file(model_path: str | Path, output_path: str | Path, options: JobO
     frontend.set_metadata("grail_opt.version", tool_version())
     written = frontend.save(output_path)
     return {
-        "model": str(model_path),
+        "model": str(model_spec),
         "output": str(output_path),
         "files": [str(path) for path in written],
         "version": tool_version(),

@@ -101,3 +101,22 @@ def test_write_atomically_replaces_file(tmp_path):
 
     assert path.read_text() == "second\n"
     assert [entry.name for entry in path.parent.iterdir()] == ["benchmarks.md"]
+
+
+def test_accuracy_bullets_name_losses_and_references():
+    rows = [
+        make_row("wanda", "ridge", 0.3, 74.5),
+        make_row("wanda", "none", 0.3, 62.5),
+        make_row("magnitude", "ridge", 0.3, 60.0),
+        make_row("magnitude", "none", 0.3, 61.0),
+    ]
+    settings = bench.Settings(("wanda", "magnitude"), (0.3,), None, 1, 1, 1, quick=False)
+    dense = bench.DenseResult(83.2, 100, 1000, logits=None)
+
+    bullets = bench.accuracy_bullets(rows, settings, dense, depth=56)
+
+    assert "wanda +12.00, magnitude -1.00" in bullets[0]
+    assert "wanda with ridge compensation at 74.50%" in bullets[0]
+    assert bullets[1] == "Ridge compensation lowers accuracy for magnitude at 30%."
+    assert bullets[2].startswith("2 of the 3 reference figures are within 1 point of ours.")
+    assert "magnitude, ridge, 30% (-7.06)" in bullets[2]

@@ -74,3 +74,55 @@ def test_resnet56_matches_reference(protocol, sparsity, compensation):
     assert len(compressed) == 27
     assert 100 * validation["accuracy_before"] == pytest.approx(DENSE_ACCURACY, abs=0.01)
     assert 100 * validation["accuracy_after"] == pytest.approx(REFERENCE[(sparsity, compensation)], abs=TOLERANCE)
+
+
+def _run_passes(frontend, calibration, sparsity):
+    from grail_graph.driver import default_pipeline
+    from grail_graph.passes import CompressionState, parse_pipeline, run_pipeline
+
+    state = CompressionState(frontend=frontend, calibration=calibration)
+    run_pipeline(parse_pipeline(default_pipeline(sparsity=sparsity, validate=False)), state)
+    return state
+
+
+def test_fx_and_onnx_paths_agree(protocol):
+    """The fx front end keeps the same channels as the ONNX front end and exports faithfully."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from grail_graph.data import Dataset
+    from grail_graph.fx_frontend.export import check_export
+    from grail_graph.fx_frontend.frontend import FxFrontEnd
+    from grail_graph.onnx_frontend.frontend import OnnxFrontEnd
+    from tools import export_resnet_cifar
+
+    with np.load(protocol / "calib.npz") as archive:
+        calibration = Dataset({"input": archive["input"]}, None, "calib.npz")
+    with np.load(protocol / "test.npz") as archive:
+        test_x, test_y = archive["input"][:2000], archive["labels"][:2000]
+
+    onnx_state = _run_passes(OnnxFrontEnd.load(protocol / "resnet56.onnx", "cpu"), calibration, 0.5)
+    fx_frontend = FxFrontEnd(export_resnet_cifar.load_pretrained(56), calibration.arrays["input"][:2], "cpu")
+    fx_state = _run_passes(fx_frontend, calibration, 0.5)
+
+    onnx_keeps = [onnx_state.keeps[group.name] for group in onnx_state.groups]
+    fx_keeps = [fx_state.keeps[group.name] for group in fx_state.groups]
+    assert len(fx_keeps) == len(onnx_keeps) == 27
+    for onnx_keep, fx_keep in zip(onnx_keeps, fx_keeps):
+        np.testing.assert_array_equal(fx_keep, onnx_keep)
+
+    onnx_path = protocol / "parity-onnx.onnx"
+    fx_path = protocol / "parity-fx.onnx"
+    onnx_state.frontend.save(onnx_path)
+    fx_frontend.save(fx_path)
+    export_difference = check_export(fx_frontend.model, (torch.from_numpy(test_x[:64]),), fx_path, tolerance=1e-4)
+    assert export_difference < 1e-4
+
+    predictions = []
+    for path in (onnx_path, fx_path):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        predictions.append(session.run(None, {session.get_inputs()[0].name: test_x})[0].argmax(axis=1))
+    accuracy_onnx = float((predictions[0] == test_y).mean())
+    accuracy_fx = float((predictions[1] == test_y).mean())
+    assert accuracy_fx == pytest.approx(accuracy_onnx, abs=0.002)

@@ -64,8 +64,15 @@ def trace(model: nn.Module, example_inputs=None) -> fx.GraphModule:
 class FxFrontEnd:
     """A PyTorch module compressed on a private copy; the caller's module is not changed."""
 
-    def __init__(self, model: nn.Module, example_inputs=None, device: str | torch.device | None = "auto") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs=None,
+        device: str | torch.device | None = "auto",
+        input_names: list[str] | None = None,
+    ) -> None:
         self.device = resolve_device(device)
+        self.input_names = input_names
         self.model = copy.deepcopy(model).eval().to(self.device)
         self.example_inputs = example_inputs
         self.graph_module = trace(self.model, self._example_on_device())
@@ -88,7 +95,8 @@ class FxFrontEnd:
         batches: Iterable,
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, GramAccumulator]:
-        return calibration.calibrate(self.model, groups, (self._to_torch(b) for b in batches), self.device, progress)
+        batches = (self._to_torch(batch) for batch in batches)
+        return calibration.calibrate(self.model, self.graph_module, groups, batches, self.device, progress)
 
     def apply(self, plans: list[GroupPlan]) -> None:
         apply_plans(self.model, plans)
@@ -101,7 +109,7 @@ class FxFrontEnd:
             return
         try:
             with torch.no_grad():
-                calibration.run_batch(self.model, self.example_inputs, self.device)
+                calibration.run_batch(self.model, self._example_on_device(), self.device)
         except RuntimeError as error:
             raise GrailError(f"the rewritten module fails on the example inputs: {error}") from error
 
@@ -118,6 +126,9 @@ class FxFrontEnd:
         return example.to(self.device)
 
     def _to_torch(self, batch):
+        """Convert numpy batches (an array, or a dict of arrays by input name) to tensors."""
+        if isinstance(batch, np.ndarray):
+            return torch.from_numpy(np.ascontiguousarray(batch))
         if isinstance(batch, Mapping) and all(isinstance(v, np.ndarray) for v in batch.values()):
             tensors = [torch.from_numpy(np.ascontiguousarray(v)) for v in batch.values()]
             return tensors[0] if len(tensors) == 1 else dict(zip(batch.keys(), tensors))
@@ -130,6 +141,11 @@ class FxFrontEnd:
         """Export the compressed module to ONNX (checked in ONNX Runtime) at `path`."""
         if self.example_inputs is None:
             raise GrailError("exporting a PyTorch model needs example inputs", "Pass example_inputs or calibration data.")
-        example = self._to_torch(self.example_inputs)
-        example = tuple(t.to(self.device) for t in (example if isinstance(example, (tuple, list)) else (example,)))
-        return [export_onnx(self.model, example, path, metadata=self.metadata)]
+        return [export_onnx(self.model, self.example_tensors(), path, input_names=self.input_names, metadata=self.metadata)]
+
+    def example_tensors(self) -> tuple[torch.Tensor, ...]:
+        """Return the example inputs as a tuple of tensors on the model's device."""
+        example = self._example_on_device()
+        if isinstance(example, dict):
+            return tuple(example.values())
+        return tuple(example) if isinstance(example, (tuple, list)) else (example,)

@@ -138,8 +138,6 @@ class FxGroupMatcher:
         if linear.in_width != region.width:
             raise Decline(f"consumer {ops.describe(self.gm, user)} expects {linear.in_width} channels, not {region.width}")
         self._check_single_call(user)
-        if not ops.is_module_call(self.gm, self.model, linear):
-            raise Decline(f"consumer {ops.describe(self.gm, user)} is not a Conv or Linear module call")
         region.consumers[linear.module] = (linear, value)
 
     def _operands(self, user: fx.Node) -> list:
