@@ -19,12 +19,16 @@ class GroupPlan:
     """The kept channels of one group and the map its consumers absorb.
 
     `keep` holds sorted indices, shape (K,). `consumer_map` is B, shape (H, K): every
-    consumer weight W in canonical (O, H, ...) orientation becomes W B.
+    consumer weight W in canonical (O, H, ...) orientation becomes W B. With affine
+    compensation, `consumer_bias` is c and every consumer bias b becomes b + W c (summed
+    over kernel positions, which is exact for a convolution only away from zero padding).
     """
 
     group: ChannelGroup
     keep: np.ndarray
     consumer_map: np.ndarray
+    consumer_bias: np.ndarray | None = None
+    """Constant c, shape (H,), with h ~= B h_P + c; each consumer's bias grows by W c."""
     statistics: dict[str, float] = field(default_factory=dict)
 
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from grail_graph.core import GramAccumulator
+from grail_graph.core import CrossAccumulator, GramAccumulator
 from grail_graph.data import Dataset
 from grail_graph.errors import GrailError
 from grail_graph.frontend import FrontEnd, GroupPlan
@@ -35,10 +35,18 @@ class CompressionState:
     groups: list[ChannelGroup] = field(default_factory=list)
     declined: list[Declined] = field(default_factory=list)
     stats: dict[str, GramAccumulator] = field(default_factory=dict)
+    crosses: dict[str, CrossAccumulator] = field(default_factory=dict)
+    """Cross products of the original model's taps with the compressed model's, per group."""
+    active: list[ChannelGroup] | None = None
+    """The groups the group-wise passes work on now; None means all of them."""
     keeps: dict[str, np.ndarray] = field(default_factory=dict)
     plans: dict[str, GroupPlan] = field(default_factory=dict)
     verdicts: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def current_groups(self) -> list[ChannelGroup]:
+        return self.groups if self.active is None else self.active
 
     def require(self, what: str, present: bool, pass_name: str, fix: str) -> None:
         if not present:

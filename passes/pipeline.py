@@ -118,26 +118,56 @@ def describe_passes() -> str:
     return "\n".join(lines)
 
 
+def _groupwise_segment(passes: list[Pass]) -> tuple[int, int] | None:
+    """Return the [start, stop) range of passes that run once per group, if any.
+
+    A calibrate pass with sequential or cross statistics makes itself and every pass up
+    to the next rewrite run group by group in graph order, so each group is measured on
+    the model whose earlier groups are already compressed.
+    """
+    for start, instance in enumerate(passes):
+        if getattr(instance.options, "statistics", "oneshot") != "oneshot":
+            for stop in range(start + 1, len(passes)):
+                if passes[stop].name == "rewrite":
+                    return start, stop + 1
+            raise GrailError(
+                f"pass '{instance.name}' with statistics={instance.options.statistics} needs a later 'rewrite'",
+                "Add select, compensate and rewrite after it.",
+            )
+    return None
+
+
+def _run_one(instance: Pass, state: CompressionState, verify_each: bool, record: dict[str, Any] | None) -> dict[str, Any]:
+    start = time.perf_counter()
+    logger.info("running pass %s", print_pass(instance))
+    result = instance.run(state)
+    if verify_each and result.changed:
+        state.frontend.verify()
+    if record is None:
+        record = {"pass": instance.name, "options": dataclasses.asdict(instance.options), "changed": False, "seconds": 0.0, "runs": 0}
+    record["changed"] = record["changed"] or result.changed
+    record["seconds"] = round(record["seconds"] + time.perf_counter() - start, 4)
+    record["runs"] += 1
+    record["statistics"] = result.statistics
+    return record
+
+
 def run_pipeline(passes: list[Pass], state: CompressionState, verify_each: bool = True) -> list[dict[str, Any]]:
     """Run the passes in order and return one statistics record per pass.
 
     With `verify_each`, the front end's verifier runs after every pass that changed the
-    model, so a broken rewrite is reported by the pass that made it.
+    model, so a broken rewrite is reported by the pass that made it. Passes in a
+    group-wise segment (see `_groupwise_segment`) run once per group; their record sums
+    the time and keeps the statistics of the last run.
     """
-    records = []
-    for instance in passes:
-        start = time.perf_counter()
-        logger.info("running pass %s", print_pass(instance))
-        result = instance.run(state)
-        if verify_each and result.changed:
-            state.frontend.verify()
-        records.append(
-            {
-                "pass": instance.name,
-                "options": dataclasses.asdict(instance.options),
-                "changed": result.changed,
-                "seconds": round(time.perf_counter() - start, 4),
-                "statistics": result.statistics,
-            }
-        )
+    segment = _groupwise_segment(passes) or (len(passes), len(passes))
+    records = [_run_one(instance, state, verify_each, None) for instance in passes[: segment[0]]]
+    grouped: list[dict[str, Any] | None] = [None] * (segment[1] - segment[0])
+    for group in state.groups:
+        state.active = [group]
+        for index, instance in enumerate(passes[segment[0] : segment[1]]):
+            grouped[index] = _run_one(instance, state, verify_each, grouped[index])
+    state.active = None
+    records.extend(record for record in grouped if record is not None)
+    records.extend(_run_one(instance, state, verify_each, None) for instance in passes[segment[1] :])
     return records

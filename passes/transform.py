@@ -10,6 +10,9 @@ from tqdm import tqdm
 
 from grail_graph.core import (
     SELECTORS,
+    affine_cross_map,
+    affine_prune_map,
+    cross_map,
     kept_width,
     prune_map,
     relative_reconstruction_error,
@@ -39,12 +42,25 @@ class FindGroups(Pass):
         return PassResult(False, {"groups": len(state.groups), "declined": len(state.declined), "channels": width})
 
 
+STATISTICS = ("oneshot", "sequential", "cross")
+
+
 @dataclass(frozen=True)
 class CalibrateOptions:
     batch_size: int = field(default=64, metadata={"help": "samples per ONNX Runtime run"})
     samples: int = field(default=0, metadata={"help": "calibration samples to use; 0 uses all"})
+    statistics: str = field(
+        default="oneshot",
+        metadata={
+            "help": "oneshot: all Grams from the original model; sequential: each group from the model "
+            "with the groups before it compressed; cross: like sequential, regressing the original "
+            "model's hidden values on the compressed model's"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.statistics not in STATISTICS:
+            raise ValueError(f"statistics {self.statistics!r} is not one of {', '.join(STATISTICS)}")
         if self.batch_size < 1:
             raise ValueError(f"batch-size must be >= 1, got {self.batch_size}")
         if self.samples < 0:
@@ -62,9 +78,17 @@ class Calibrate(Pass):
         data = state.calibration
         if self.options.samples:
             data = data.subset(0, self.options.samples)
+        groups = state.current_groups
+        batches = data.batches(self.options.batch_size)
         with tqdm(total=len(data), unit="sample", desc="calibrate", disable=not state.show_progress) as bar:
-            state.stats = state.frontend.calibrate(state.groups, data.batches(self.options.batch_size), bar.update)
-        return PassResult(False, {"samples": len(data), "groups": len(state.stats)})
+            if self.options.statistics == "oneshot":
+                state.stats.update(state.frontend.calibrate(groups, batches, bar.update))
+            else:
+                stats, crosses = state.frontend.calibrate_with_reference(groups, batches, bar.update)
+                state.stats.update(stats)
+                if self.options.statistics == "cross":
+                    state.crosses.update(crosses)
+        return PassResult(False, {"samples": len(data), "groups": len(groups)})
 
 
 @dataclass(frozen=True)
@@ -96,9 +120,8 @@ class Select(Pass):
             "Gram statistics", not needs_gram or bool(state.stats) or not state.groups, self.name,
             "Run 'calibrate' before 'select', or use select{method=magnitude}.",
         )  # fmt: skip
-        state.keeps = {}
         removed = 0
-        for group in state.groups:
+        for group in state.current_groups:
             k = kept_width(group.width, options.sparsity, options.multiple)
             stats = state.stats.get(group.name)
             state.keeps[group.name] = select_channels(
@@ -117,6 +140,9 @@ class Select(Pass):
 class CompensateOptions:
     method: str = field(default="ridge", metadata={"help": "ridge (GRAIL closed form) or none (plain slicing)"})
     alpha: float = field(default=1e-3, metadata={"help": "ridge strength relative to mean(diag(G[P, P]))"})
+    affine: bool = field(
+        default=False, metadata={"help": "also fit a constant, absorbed into the consumer bias"}
+    )
 
     def __post_init__(self) -> None:
         if self.method not in COMPENSATIONS:
@@ -139,19 +165,17 @@ class Compensate(Pass):
             "Run 'calibrate' before 'compensate', or use compensate{method=none}.",
         )  # fmt: skip
         state.require("a selection", bool(state.keeps) or not state.groups, self.name, "Run 'select' first.")
-        state.plans = {}
         errors_sliced, errors_final = [], []
-        for group in state.groups:
+        for group in state.current_groups:
             keep = state.keeps[group.name]
             if len(keep) == group.width:
                 continue  # nothing removed, so the group stays exactly as it is
+            plan = self._plan(state, group, keep)
             stats = state.stats.get(group.name)
-            b = prune_map(stats.gram, keep, options.alpha) if ridge else slice_map(group.width, keep)
-            plan = GroupPlan(group, keep, b)
-            if stats is not None:
+            if stats is not None and group.name not in state.crosses and plan.consumer_bias is None:
                 consumers = state.frontend.consumer_weights(group)
                 sliced = relative_reconstruction_error(stats.gram, consumers, slice_map(group.width, keep), keep)
-                final = relative_reconstruction_error(stats.gram, consumers, b, keep)
+                final = relative_reconstruction_error(stats.gram, consumers, plan.consumer_map, keep)
                 plan.statistics = {"relative_error_sliced": sliced, "relative_error": final}
                 errors_sliced.append(sliced)
                 errors_final.append(final)
@@ -162,6 +186,27 @@ class Compensate(Pass):
             statistics["mean_relative_error"] = float(np.mean(errors_final))
         return PassResult(False, statistics)
 
+    def _plan(self, state: CompressionState, group, keep: np.ndarray) -> GroupPlan:
+        """Solve B (and the constant c with `affine`) from one-shot or cross statistics."""
+        options = self.options
+        if options.method == "none":
+            return GroupPlan(group, keep, slice_map(group.width, keep))
+        stats = state.stats[group.name]
+        cross = state.crosses.get(group.name)
+        if cross is None:
+            if options.affine:
+                b, c = affine_prune_map(stats.gram, stats.sums, stats.count, keep, options.alpha)
+                return GroupPlan(group, keep, b, consumer_bias=c)
+            return GroupPlan(group, keep, prune_map(stats.gram, keep, options.alpha))
+        cross_kept = cross.cross[:, keep]
+        source_gram = stats.gram[np.ix_(keep, keep)]
+        if options.affine:
+            b, c = affine_cross_map(
+                cross_kept, source_gram, cross.target_sums, stats.sums[keep], stats.count, options.alpha
+            )
+            return GroupPlan(group, keep, b, consumer_bias=c)
+        return GroupPlan(group, keep, cross_map(cross_kept, source_gram, options.alpha))
+
 
 @register
 class Rewrite(Pass):
@@ -170,8 +215,9 @@ class Rewrite(Pass):
     Options = NoOptions
 
     def run(self, state: CompressionState) -> PassResult:
-        plans = list(state.plans.values())
-        for group in state.groups:
+        active = {group.name for group in state.current_groups}
+        plans = [plan for name, plan in state.plans.items() if name in active]
+        for group in state.current_groups:
             plan = state.plans.get(group.name)
             if plan is None:
                 state.verdicts[group.name] = f"unchanged: all {group.width} channels kept"

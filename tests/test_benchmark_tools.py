@@ -92,6 +92,7 @@ def test_span_and_plural():
     assert bench.span([1000, 2000]) == "1,000 to 2,000"
     assert bench.plural(1, "repeat") == "1 repeat"
     assert bench.plural(5, "repeat") == "5 repeats"
+    assert bench.plural(2, "pass", "passes") == "2 passes"
 
 
 def test_write_atomically_replaces_file(tmp_path):
@@ -113,10 +114,30 @@ def test_accuracy_bullets_name_losses_and_references():
     settings = bench.Settings(("wanda", "magnitude"), (0.3,), None, 1, 1, 1, quick=False)
     dense = bench.DenseResult(83.2, 100, 1000, logits=None)
 
-    bullets = bench.accuracy_bullets(rows, settings, dense, depth=56)
+    folded = bench.AccuracyRow(
+        bench.GridPoint("magnitude", "ridge", 0.3, folded_batchnorm=True), 67.0, 0.9, 100, 1000, 1.0, None, Path("m.onnx")
+    )
+
+    bullets = bench.accuracy_bullets(rows, [folded], settings, dense, depth=56)
 
     assert "wanda +12.00, magnitude -1.00" in bullets[0]
     assert "wanda with ridge compensation at 74.50%" in bullets[0]
     assert bullets[1] == "Ridge compensation lowers accuracy for magnitude at 30%."
-    assert bullets[2].startswith("2 of the 3 reference figures are within 1 point of ours.")
+    assert bullets[2].startswith("3 of the 4 reference figures are within 1 point of ours.")
     assert "magnitude, ridge, 30% (-7.06)" in bullets[2]
+    assert "BatchNorm folded" not in bullets[2]
+
+
+def test_reference_rows_mark_folded_export():
+    point = bench.GridPoint("magnitude", "ridge", 0.5, folded_batchnorm=True)
+    row = bench.AccuracyRow(point, 29.3, 0.5, 100, 1000, 1.0, None, Path("m.onnx"))
+
+    table = bench.reference_rows([row], {("magnitude", "ridge", 0.5): 29.32})
+
+    assert point.label == "magnitude-ridge-0.5-folded-bn"
+    assert table == [["magnitude, ridge, 50%, BatchNorm folded", "29.30", "29.32", "-0.02"]]
+
+
+def test_kept_widths_text():
+    assert bench.kept_widths_text([(16, 11), (32, 22)]) == "11 of 16, 22 of 32"
+    assert bench.kept_widths_text([]) == ""

@@ -7,10 +7,10 @@ The run has three parts:
    ``grail_graph.driver.compress_file`` with the pipeline text of ``default_pipeline``,
    which is what ``grail-opt --no-validate`` runs. Calibration uses the 512 protocol
    images and evaluation the 9,488 labelled test images of ``tools.cifar10``.
-2. Speed, as ratios of runs measured side by side in this process: the calibrate step
-   against one plain ONNX Runtime pass over the same images, the Gram products against
-   numpy's float32 matmul rate, and the compressed models' latency and throughput against
-   the original.
+2. Speed, as ratios of runs measured side by side in this process. The calibrate step is
+   compared with one plain ONNX Runtime pass over the same images, and the Gram products
+   with numpy's float32 matmul rate. The compressed models' latency and throughput are
+   compared with the original's.
 3. A Markdown page with the machine facts, the tables and a short reading.
 
 Usage::
@@ -83,6 +83,22 @@ SQUARE_MATMUL_SIDE = 1024
 
 
 @dataclass(frozen=True)
+class GridPoint:
+    """One compression configuration of the accuracy grid."""
+
+    selector: str
+    compensation: str
+    sparsity: float
+    folded_batchnorm: bool = False
+    """Compress the export whose BatchNormalization nodes are folded into the Conv weights."""
+
+    @property
+    def label(self) -> str:
+        suffix = "-folded-bn" if self.folded_batchnorm else ""
+        return f"{self.selector}-{self.compensation}-{self.sparsity:g}{suffix}"
+
+
+@dataclass(frozen=True)
 class Settings:
     """Sizes of one benchmark run: the full grid or the reduced --quick grid."""
 
@@ -95,23 +111,24 @@ class Settings:
     latency_runs_batch1: int
     latency_runs_batch64: int
     quick: bool
+    folded_points: tuple[GridPoint, ...] = ()
+    """Extra points on the BatchNorm-folded export, compared only with the reference figures."""
 
 
-FULL_SETTINGS = Settings(SELECTORS, SPARSITIES, None, 5, 200, 20, quick=False)
+FULL_SETTINGS = Settings(
+    SELECTORS,
+    SPARSITIES,
+    None,
+    5,
+    200,
+    20,
+    quick=False,
+    folded_points=(
+        GridPoint("magnitude", "ridge", 0.3, folded_batchnorm=True),
+        GridPoint("magnitude", "ridge", 0.5, folded_batchnorm=True),
+    ),
+)
 QUICK_SETTINGS = Settings(("wanda",), (0.5,), 1000, 1, 30, 3, quick=True)
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    """One compression configuration of the accuracy grid."""
-
-    selector: str
-    compensation: str
-    sparsity: float
-
-    @property
-    def label(self) -> str:
-        return f"{self.selector}-{self.compensation}-{self.sparsity:g}"
 
 
 def grid_points(selectors: Iterable[str], sparsities: Iterable[float]) -> list[GridPoint]:
@@ -138,15 +155,19 @@ class AccuracyRow:
     compress_seconds: float
     calibrate_seconds: float | None
     output: Path
+    kept_widths: tuple[tuple[int, int], ...] = ()
+    """Distinct (group width, kept channels) pairs of the compressed model."""
 
 
 @dataclass
 class BenchmarkInputs:
-    """Files that the benchmark reads: the ONNX export and the protocol split."""
+    """Files that the benchmark reads: the ONNX exports and the protocol split."""
 
     model: Path
     calib: Path
     test: Path
+    folded_model: Path | None = None
+    """Export with every BatchNormalization folded into its Conv, when a grid point needs it."""
 
 
 @dataclass
@@ -187,12 +208,18 @@ class SpeedResults:
 # Preparation ----------------------------------------------------------------------------
 
 
-def prepare_inputs(work_dir: Path, depth: int, data_root: Path | None) -> BenchmarkInputs:
+def prepare_inputs(work_dir: Path, depth: int, data_root: Path | None, folded: bool) -> BenchmarkInputs:
     """Export the ResNet and write the protocol .npz files into `work_dir`, reusing existing files.
 
-    A file that exists is reused as it is, so delete it after changing the data or the exporter.
+    With `folded`, a second export has every BatchNormalization folded into its Conv. A file
+    that exists is reused as it is, so delete it after changing the data or the exporter.
     """
-    inputs = BenchmarkInputs(work_dir / f"resnet{depth}.onnx", work_dir / "calib.npz", work_dir / "test.npz")
+    inputs = BenchmarkInputs(
+        work_dir / f"resnet{depth}.onnx",
+        work_dir / "calib.npz",
+        work_dir / "test.npz",
+        work_dir / f"resnet{depth}-folded-bn.onnx" if folded else None,
+    )
     work_dir.mkdir(parents=True, exist_ok=True)
 
     if inputs.calib.exists() and inputs.test.exists():
@@ -203,16 +230,23 @@ def prepare_inputs(work_dir: Path, depth: int, data_root: Path | None) -> Benchm
         cifar10.write_npz(inputs.test, "input", test_images, test_labels)
         logger.info("wrote %s (%d images) and %s (%d images)", inputs.calib, len(calib_images), inputs.test, len(test_images))
 
-    if inputs.model.exists():
-        logger.info("reusing %s", inputs.model)
-    else:
-        # Imported here because it needs torch, which a rerun on existing files does not.
-        from tools import export_resnet_cifar
-
-        model = export_resnet_cifar.load_pretrained(depth, data_root)
-        export_resnet_cifar.export_onnx(model, inputs.model)
-        logger.info("exported ResNet-%d to %s", depth, inputs.model)
+    export_if_missing(inputs.model, depth, data_root, fold_batchnorm=False)
+    if inputs.folded_model is not None:
+        export_if_missing(inputs.folded_model, depth, data_root, fold_batchnorm=True)
     return inputs
+
+
+def export_if_missing(path: Path, depth: int, data_root: Path | None, fold_batchnorm: bool) -> None:
+    if path.exists():
+        logger.info("reusing %s", path)
+        return
+
+    # Imported here because it needs torch, which a rerun on existing files does not.
+    from tools import export_resnet_cifar
+
+    model = export_resnet_cifar.load_pretrained(depth, data_root)
+    export_resnet_cifar.export_onnx(model, path, fold_batchnorm=fold_batchnorm)
+    logger.info("exported ResNet-%d to %s", depth, path)
 
 
 def load_data(inputs: BenchmarkInputs, eval_samples: int | None) -> tuple[Dataset, Dataset]:
@@ -252,6 +286,7 @@ def compress_and_evaluate(
     test: Dataset,
     dense: DenseResult,
     device: str,
+    calibration_samples: int,
 ) -> tuple[AccuracyRow, dict[str, Any]]:
     """Compress the model for one grid point with compress_file, then evaluate it once.
 
@@ -267,11 +302,20 @@ def compress_and_evaluate(
         batch_size=BATCH_SIZE,
         validate=False,
     )
-    options = JobOptions(pipeline=pipeline, calib=inputs.calib, eval=None, device=device)
+    # Without eval data, compress_file holds out the last 1/8 of the calibration images even
+    # when the pipeline has no validate pass, so the test set is passed to keep all 512.
+    options = JobOptions(pipeline=pipeline, calib=inputs.calib, eval=inputs.test, device=device)
+
+    model = inputs.model
+    if point.folded_batchnorm:
+        if inputs.folded_model is None:
+            raise ValueError(f"grid point {point.label} needs the BatchNorm-folded export, which was not prepared")
+        model = inputs.folded_model
 
     start = time.perf_counter()
-    report = compress_file(inputs.model, output, options)
+    report = compress_file(model, output, options)
     compress_seconds = time.perf_counter() - start
+    check_calibration_samples(report, calibration_samples)
 
     logits = evaluate_logits(output, test, execution_providers(device))
     metrics = compare_outputs(dense.logits, logits, test.labels)
@@ -286,8 +330,19 @@ def compress_and_evaluate(
         compress_seconds=compress_seconds,
         calibrate_seconds=calibrate_seconds,
         output=output,
+        kept_widths=tuple(sorted({(group["width"], group["kept"]) for group in report["groups"]})),
     )
     return row, report
+
+
+def check_calibration_samples(report: dict[str, Any], expected: int) -> None:
+    """Raise RuntimeError if the calibrate pass of a compress_file report did not use `expected` samples."""
+    for record in report["passes"]:
+        if record["pass"] == "calibrate" and record["statistics"].get("samples") != expected:
+            raise RuntimeError(
+                f"the calibrate pass used {record['statistics'].get('samples')} samples instead of {expected}. "
+                "Check how compress_file splits the calibration data."
+            )
 
 
 def run_accuracy_grid(
@@ -297,13 +352,15 @@ def run_accuracy_grid(
     test: Dataset,
     dense: DenseResult,
     device: str,
+    calibration_samples: int,
 ) -> list[AccuracyRow]:
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for index, point in enumerate(points, start=1):
         start = time.perf_counter()
-        row, report = compress_and_evaluate(point, inputs, output_dir / f"{point.label}.onnx", test, dense, device)
-        if index == 1:
+        output = output_dir / f"{point.label}.onnx"
+        row, report = compress_and_evaluate(point, inputs, output, test, dense, device, calibration_samples)
+        if dense.groups == 0:
             dense.groups = len(report["groups"])
             dense.channels = sum(group["width"] for group in report["groups"])
             dense.declined = len(report["declined"])
@@ -669,26 +726,35 @@ def reference_rows(rows: Sequence[AccuracyRow], references: dict[tuple[str, str,
         if key in references:
             reference = references[key]
             label = f"{row.point.selector}, {row.point.compensation}, {percent_label(row.point.sparsity)}"
+            if row.point.folded_batchnorm:
+                label += ", BatchNorm folded"
             table.append([label, f"{row.accuracy:.2f}", f"{reference:.2f}", f"{row.accuracy - reference:+.2f}"])
     return table
 
 
 def size_table(rows: Sequence[AccuracyRow], dense: DenseResult, sparsities: Sequence[float]) -> str:
-    table = [["0% (dense)", f"{dense.parameters:,}", "100.0%", f"{dense.macs:,}", "100.0%"]]
+    table = [["0% (dense)", "all", f"{dense.parameters:,}", "100.0%", f"{dense.macs:,}", "100.0%"]]
     for sparsity in sparsities:
         at_sparsity = [row for row in rows if row.point.sparsity == sparsity]
         parameters = sorted({row.parameters for row in at_sparsity})
         macs = sorted({row.macs for row in at_sparsity})
+        widths = sorted({row.kept_widths for row in at_sparsity})
         table.append(
             [
                 percent_label(sparsity),
+                "; ".join(kept_widths_text(pairs) for pairs in widths),
                 span(parameters),
                 f"{100 * parameters[-1] / dense.parameters:.1f}%",
                 span(macs),
                 f"{100 * macs[-1] / dense.macs:.1f}%",
             ]
         )
-    return markdown_table(["sparsity", "parameters", "of dense", "MACs (batch 1)", "of dense"], table)
+    return markdown_table(["sparsity", "kept channels", "parameters", "of dense", "MACs (batch 1)", "of dense"], table, "ll" + "r" * 4)
+
+
+def kept_widths_text(pairs: Iterable[tuple[int, int]]) -> str:
+    """Write (width, kept) pairs as "11 of 16, 22 of 32"."""
+    return ", ".join(f"{kept} of {width}" for width, kept in pairs)
 
 
 def span(values: Sequence[int]) -> str:
@@ -771,7 +837,9 @@ def latency_table(latency: Sequence[LatencyResult], dense: DenseResult) -> str:
 THREAD_LABELS = {"default": "ORT's default intra-op threads", "1": "one intra-op thread"}
 
 
-def accuracy_bullets(rows: Sequence[AccuracyRow], settings: Settings, dense: DenseResult, depth: int) -> list[str]:
+def accuracy_bullets(
+    rows: Sequence[AccuracyRow], folded_rows: Sequence[AccuracyRow], settings: Settings, dense: DenseResult, depth: int
+) -> list[str]:
     lookup = {(row.point.selector, row.point.compensation, row.point.sparsity): row.accuracy for row in rows}
     bullets = []
     for sparsity in settings.sparsities:
@@ -792,7 +860,7 @@ def accuracy_bullets(rows: Sequence[AccuracyRow], settings: Settings, dense: Den
     else:
         bullets.append("Ridge compensation raises accuracy for every selector at every sparsity measured.")
 
-    references = [] if settings.quick else reference_rows(rows, REFERENCE_ACCURACY.get(depth, {}))
+    references = [] if settings.quick else reference_rows([*rows, *folded_rows], REFERENCE_ACCURACY.get(depth, {}))
     if references:
         close = [row for row in references if abs(float(row[3])) <= REFERENCE_TOLERANCE]
         far = [f"{row[0]} ({row[3]})" for row in references if abs(float(row[3])) > REFERENCE_TOLERANCE]
@@ -803,7 +871,7 @@ def accuracy_bullets(rows: Sequence[AccuracyRow], settings: Settings, dense: Den
     return bullets
 
 
-def speed_bullets(speed: SpeedResults, dense: DenseResult) -> list[str]:
+def speed_bullets(speed: SpeedResults, dense: DenseResult, rows: Sequence[AccuracyRow]) -> list[str]:
     calibrate_ratio = ratio(statistics.median(speed.calibrate_end_to_end), statistics.median(speed.plain_end_to_end))
     loop_ratio = ratio(statistics.median(speed.calibrate_loop), statistics.median(speed.plain_loop))
     numpy_rate = ratio(speed.gram_flops, speed.numpy_same_shape_seconds)
@@ -825,6 +893,14 @@ def speed_bullets(speed: SpeedResults, dense: DenseResult) -> list[str]:
             f"At {percent_label(entry.sparsity)} sparsity with {THREAD_LABELS[entry.threads]}, the compressed model "
             f"has {entry.macs / dense.macs:.2f}x the MACs, {ratio(after_1, before_1):.2f}x the batch-1 latency and "
             f"{ratio(before_64, after_64):.2f}x the batch-{BATCH_SIZE} throughput of the original."
+        )
+    slower = sorted({entry.sparsity for entry in speed.latency if entry.batch1_ms[1] > entry.batch1_ms[0]})
+    for sparsity in slower:
+        widths = next(row.kept_widths for row in rows if row.point.sparsity == sparsity)
+        bullets.append(
+            f"At {percent_label(sparsity)} sparsity the compressed model is slower than the original at batch 1 in "
+            f"at least one thread setting, although it has fewer MACs. Its groups keep {kept_widths_text(widths)} "
+            "channels. `--multiple` rounds kept widths to a multiple of its value."
         )
     return bullets
 
@@ -856,8 +932,8 @@ def load_note(info: RunInfo) -> str:
     return text
 
 
-def plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+def plural(count: int, noun: str, plural_noun: str | None = None) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {plural_noun or noun + 's'}"
 
 
 def header_section(info: RunInfo, test_size: int) -> list[str]:
@@ -913,15 +989,19 @@ def setup_section(info: RunInfo, dense: DenseResult, test_size: int) -> list[str
         f"- Calibration: the 512 calibration images of the protocol split. Evaluation: {test_size:,} labelled test "
         "images of the same split (`tools/cifar10.py`), top-1 accuracy in ONNX Runtime.",
         f"- Each cell is one `compress_file` call with the pipeline text of `default_pipeline` (alpha = {ALPHA:g}, "
-        f"batch size {BATCH_SIZE}), for example `{example_pipeline()}`. That is what `grail-opt --no-validate` "
-        "runs. The validate pass is left out because it evaluates the dense model again for every cell. The "
-        "compressed model is scored with the same metric function against dense logits computed once.",
+        f"batch size {BATCH_SIZE}), for example `{example_pipeline()}`. That is what "
+        "`grail-opt --calib calib.npz --eval test.npz --no-validate` runs. The test file is passed because "
+        "without it `compress_file` holds out the last 64 calibration images. The validate pass is left out "
+        "because it evaluates the dense model again for every cell. Each compressed model is scored with the same "
+        "metric function against dense logits computed once.",
         "- The random selector uses seed 0, one draw per cell.",
         "",
     ]
 
 
-def accuracy_section(info: RunInfo, dense: DenseResult, rows: Sequence[AccuracyRow]) -> list[str]:
+def accuracy_section(
+    info: RunInfo, dense: DenseResult, rows: Sequence[AccuracyRow], folded_rows: Sequence[AccuracyRow]
+) -> list[str]:
     sparsities = info.settings.sparsities
     expected = EXPECTED_DENSE_ACCURACY.get(info.depth)
     expected_text = f" (expected {expected:.2f}% on all 9,488 test images)" if expected is not None else ""
@@ -939,14 +1019,16 @@ def accuracy_section(info: RunInfo, dense: DenseResult, rows: Sequence[AccuracyR
         compensation_gain_table(rows, sparsities),
         "",
     ]
-    table = reference_rows(rows, REFERENCE_ACCURACY.get(info.depth, {}))
+    table = reference_rows([*rows, *folded_rows], REFERENCE_ACCURACY.get(info.depth, {}))
     if table and not info.settings.quick:
         lines += [
             "### Against the reference figures",
             "",
             "Reference: top-1 accuracy (%) of the GRAIL authors' setup (Tang et al., \"GRAIL: Post-hoc Compensation "
             "by Linear Reconstruction for Compressed Networks\", CPAL 2026), quoted and not re-run here. Difference "
-            "is ours minus reference, in percentage points.",
+            "is ours minus reference, in percentage points. Rows marked `BatchNorm folded` compress the export made "
+            "with `--fold-batchnorm`, where each BatchNormalization is folded into its Conv. That scales the "
+            "producer rows, so the magnitude selector keeps other channels. The other rows use the main export.",
             "",
             markdown_table(["selector, compensation, sparsity", "ours", "reference", "difference"], table),
             "",
@@ -986,7 +1068,7 @@ def speed_section(info: RunInfo, dense: DenseResult, speed: SpeedResults) -> lis
         "",
         gram_table(speed),
         "",
-        f"Median kernel time per pass and op type over {plural(speed.profiled_passes, 'profiled pass')} of each "
+        f"Median kernel time per pass and op type over {plural(speed.profiled_passes, 'profiled pass', 'profiled passes')} of each "
         "model, where a pass runs every calibration batch once. Rows are sorted by the time that calibration adds. "
         "Profiling adds overhead of its own, so compare these times with each other rather than with the unprofiled "
         "passes above.",
@@ -1007,16 +1089,23 @@ def speed_section(info: RunInfo, dense: DenseResult, speed: SpeedResults) -> lis
     ]
 
 
-def format_report(info: RunInfo, dense: DenseResult, rows: Sequence[AccuracyRow], speed: SpeedResults, test_size: int) -> str:
+def format_report(
+    info: RunInfo,
+    dense: DenseResult,
+    rows: Sequence[AccuracyRow],
+    folded_rows: Sequence[AccuracyRow],
+    speed: SpeedResults,
+    test_size: int,
+) -> str:
     lines = [
         *header_section(info, test_size),
         *setup_section(info, dense, test_size),
-        *accuracy_section(info, dense, rows),
+        *accuracy_section(info, dense, rows, folded_rows),
         *speed_section(info, dense, speed),
         "## Reading",
         "",
-        *(f"- {bullet}" for bullet in accuracy_bullets(rows, info.settings, dense, info.depth)),
-        *(f"- {bullet}" for bullet in speed_bullets(speed, dense)),
+        *(f"- {bullet}" for bullet in accuracy_bullets(rows, folded_rows, info.settings, dense, info.depth)),
+        *(f"- {bullet}" for bullet in speed_bullets(speed, dense, rows)),
         f"- {load_note(info)}",
         "",
     ]
@@ -1066,7 +1155,7 @@ def run_benchmark(args: argparse.Namespace, work_dir: Path) -> str:
     providers = execution_providers(args.device)
 
     start = time.perf_counter()
-    inputs = prepare_inputs(work_dir, args.depth, args.data_dir)
+    inputs = prepare_inputs(work_dir, args.depth, args.data_dir, folded=bool(settings.folded_points))
     calibration, test = load_data(inputs, settings.eval_samples)
     info.section_seconds["preparation"] = time.perf_counter() - start
 
@@ -1076,8 +1165,10 @@ def run_benchmark(args: argparse.Namespace, work_dir: Path) -> str:
     expected = EXPECTED_DENSE_ACCURACY.get(args.depth)
     if expected is not None and settings.eval_samples is None and abs(dense.accuracy - expected) > 0.005:
         logger.warning("dense accuracy %.2f%% differs from the expected %.2f%%", dense.accuracy, expected)
-    rows = run_accuracy_grid(
-        grid_points(settings.selectors, settings.sparsities), inputs, work_dir / "compressed", test, dense, args.device
+    points = grid_points(settings.selectors, settings.sparsities)
+    rows = run_accuracy_grid(points, inputs, work_dir / "compressed", test, dense, args.device, len(calibration))
+    folded_rows = run_accuracy_grid(
+        settings.folded_points, inputs, work_dir / "compressed", test, dense, args.device, len(calibration)
     )
     info.section_seconds["accuracy grid"] = time.perf_counter() - start
 
@@ -1090,7 +1181,7 @@ def run_benchmark(args: argparse.Namespace, work_dir: Path) -> str:
     speed.latency = measure_compressed_latency(inputs, rows, test, args.device, settings)
     info.section_seconds["speed"] = time.perf_counter() - start
     info.load_after = load_average()
-    return format_report(info, dense, rows, speed, len(test))
+    return format_report(info, dense, rows, folded_rows, speed, len(test))
 
 
 def build_parser() -> argparse.ArgumentParser:

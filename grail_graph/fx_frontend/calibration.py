@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import fx, nn
 
-from grail_graph.core import GramAccumulator
+from grail_graph.core import CrossAccumulator, GramAccumulator
 from grail_graph.errors import DataError
 from grail_graph.groups import ChannelGroup
 
@@ -142,3 +142,79 @@ def calibrate(
         for handle in handles:
             handle.remove()
     return stats
+
+
+def _collect_rows(model: nn.Module, gm: fx.GraphModule, groups: list[ChannelGroup], batch, device) -> dict[str, torch.Tensor]:
+    """Run one batch and return each group's tap as (rows, H); the rows live until the next batch."""
+    rows: dict[str, torch.Tensor] = {}
+    handles = []
+    taps: dict[str, list[ChannelGroup]] = {}
+
+    def keep(group: ChannelGroup, hidden: torch.Tensor) -> None:
+        rows[group.name] = _rows(hidden.detach(), group)
+
+    try:
+        for group in groups:
+            consumer = _hookable(model, group)
+            if consumer is None:
+                taps.setdefault(group.tap, []).append(group)
+            else:
+                handles.append(consumer.register_forward_pre_hook(lambda m, args, g=group: keep(g, args[0])))
+        runner = _InterpreterModule(_RowRecorder(gm, taps, keep)) if taps else model
+        run_batch(runner, batch, device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return rows
+
+
+class _RowRecorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, taps: dict[str, list[ChannelGroup]], keep) -> None:
+        super().__init__(gm)
+        self.taps = taps
+        self.keep = keep
+
+    def run_node(self, node: fx.Node):
+        result = super().run_node(node)
+        for group in self.taps.get(node.name, ()):
+            self.keep(group, result)
+        return result
+
+
+def calibrate_with_reference(
+    model: nn.Module,
+    gm: fx.GraphModule,
+    reference: nn.Module,
+    reference_gm: fx.GraphModule,
+    groups: list[ChannelGroup],
+    batches: Iterable,
+    device: torch.device,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[dict[str, GramAccumulator], dict[str, CrossAccumulator]]:
+    """Return Grams of `model` at each tap and cross products reference^T current.
+
+    Both models see the same batch; the reference's taps are held for that batch only.
+    """
+    stats = {group.name: GramAccumulator(group.width) for group in groups}
+    crosses = {group.name: CrossAccumulator(group.width, group.width) for group in groups}
+    with torch.no_grad():
+        for index, batch in enumerate(batches):
+            try:
+                target = _collect_rows(reference, reference_gm, groups, batch, device)
+                source = _collect_rows(model, gm, groups, batch, device)
+            except (RuntimeError, AssertionError, TypeError, ValueError) as error:
+                raise DataError(
+                    f"calibration batch {index} with input shape {_shapes(batch)} fails in {type(model).__name__}: {error}",
+                    "Pass batches that the model accepts in a plain forward call, batch dimension first.",
+                ) from error
+            for group in groups:
+                current, original = source[group.name], target[group.name]
+                gram = (current.T @ current).double().cpu().numpy()
+                sums = current.sum(dim=0).double().cpu().numpy()
+                stats[group.name].add_partial(gram, sums, current.shape[0])
+                cross = (original.T @ current).double().cpu().numpy()
+                original_sums = original.sum(dim=0).double().cpu().numpy()
+                crosses[group.name].add_partial(cross, gram, original_sums, sums, current.shape[0])
+            if progress is not None:
+                progress(_batch_size(batch))
+    return stats, crosses

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from grail_graph.core import GramAccumulator
+from grail_graph.core import CrossAccumulator, GramAccumulator
 from grail_graph.errors import GrailError, UnsupportedModelError
 from grail_graph.frontend import GroupPlan
 from grail_graph.fx_frontend import calibration, matcher
@@ -76,6 +76,10 @@ class FxFrontEnd:
         self.model = copy.deepcopy(model).eval().to(self.device)
         self.example_inputs = example_inputs
         self.graph_module = trace(self.model, self._example_on_device())
+        # NOTE: the uncompressed copy doubles the memory held for weights; it serves the
+        # statistics modes that compare against the original model.
+        self.reference = copy.deepcopy(self.model)
+        self.reference_graph = trace(self.reference, self._example_on_device())
         self.metadata: dict[str, str] = {}
 
     # FrontEnd interface -------------------------------------------------------------------
@@ -97,6 +101,18 @@ class FxFrontEnd:
     ) -> dict[str, GramAccumulator]:
         batches = (self._to_torch(batch) for batch in batches)
         return calibration.calibrate(self.model, self.graph_module, groups, batches, self.device, progress)
+
+    def calibrate_with_reference(
+        self,
+        groups: list[ChannelGroup],
+        batches: Iterable,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[dict[str, GramAccumulator], dict[str, CrossAccumulator]]:
+        """Return Grams of the current model and its cross products with the original model."""
+        batches = (self._to_torch(batch) for batch in batches)
+        return calibration.calibrate_with_reference(
+            self.model, self.graph_module, self.reference, self.reference_graph, groups, batches, self.device, progress
+        )
 
     def apply(self, plans: list[GroupPlan]) -> None:
         apply_plans(self.model, plans)

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from grail_graph.core import absorb
+from grail_graph.core import absorb, bias_correction
+from grail_graph.errors import GrailError
 from grail_graph.frontend import GroupPlan
 
 
@@ -54,6 +55,24 @@ def _update_widths(module: nn.Module) -> None:
         module.num_features = source.shape[0]
 
 
+def _add_bias(model: nn.Module, weight_name: str, delta: np.ndarray) -> None:
+    """Add `delta` (O,) to the bias of the module that owns `weight_name`, creating it if absent."""
+    owner_name = weight_name.rpartition(".")[0]
+    owner = model.get_submodule(owner_name) if owner_name else model
+    weight = getattr(owner, weight_name.rpartition(".")[2])
+    bias = getattr(owner, "bias", None)
+    delta_tensor = torch.from_numpy(np.ascontiguousarray(delta)).to(device=weight.device, dtype=weight.dtype)
+    if bias is None:
+        if not isinstance(owner, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            raise GrailError(
+                f"affine compensation needs a bias on `{owner_name}`, which has none",
+                "Use compensate{affine=false} for this model.",
+            )
+        owner.bias = nn.Parameter(delta_tensor.clone())
+        return
+    set_tensor(model, f"{owner_name}.bias", bias.detach() + delta_tensor)
+
+
 def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> None:
     """Narrow producers, absorb each plan's map into its consumers, update module widths."""
     touched: set[str] = set()
@@ -67,6 +86,8 @@ def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> None:
                 touched.add(ref.node.rpartition(".")[0])
             for ref in group.consumers:
                 weight = np.moveaxis(to_numpy(get_tensor(model, ref.node)), ref.axis, 1)
+                if plan.consumer_bias is not None:
+                    _add_bias(model, ref.node, bias_correction(weight, plan.consumer_bias))
                 compensated = np.moveaxis(absorb(weight, plan.consumer_map), 1, ref.axis)
                 set_tensor(model, ref.node, torch.from_numpy(np.ascontiguousarray(compensated)))
                 touched.add(ref.node.rpartition(".")[0])

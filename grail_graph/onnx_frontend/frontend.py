@@ -13,7 +13,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import NameFixPass, ShapeInferencePass
 
-from grail_graph.core import GramAccumulator
+from grail_graph.core import CrossAccumulator, GramAccumulator
 from grail_graph.errors import GrailError, UnsupportedModelError
 from grail_graph.frontend import Batch, GroupPlan
 from grail_graph.groups import ChannelGroup, Declined
@@ -42,6 +42,9 @@ class OnnxFrontEnd:
             ShapeInferencePass()(model)
         except Exception as error:  # shape inference is advisory here
             logger.warning("ONNX shape inference failed, continuing without it: %s", error)
+        # NOTE: the uncompressed copy doubles the memory held for weights; it serves the
+        # statistics modes that compare against the original model.
+        self.reference = ir.to_proto(model)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto") -> OnnxFrontEnd:
@@ -89,9 +92,22 @@ class OnnxFrontEnd:
         batches: Iterable[Batch],
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, GramAccumulator]:
-        return calibration.calibrate(
+        stats, _ = calibration.calibrate(
             self.model, groups, self._hidden_ranks(groups), batches, device=self.device, progress=progress
         )
+        return stats
+
+    def calibrate_with_reference(
+        self,
+        groups: list[ChannelGroup],
+        batches: Iterable[Batch],
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[dict[str, GramAccumulator], dict[str, CrossAccumulator]]:
+        """Return Grams of the current model and its cross products with the original model."""
+        return calibration.calibrate(
+            self.model, groups, self._hidden_ranks(groups), batches,
+            device=self.device, progress=progress, reference=self.reference,
+        )  # fmt: skip
 
     def apply(self, plans: list[GroupPlan]) -> None:
         GraphRewriter(self.model).apply(plans)

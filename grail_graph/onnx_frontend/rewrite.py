@@ -6,7 +6,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from grail_graph.core import absorb
+from grail_graph.core import absorb, bias_correction
 from grail_graph.frontend import GroupPlan
 from grail_graph.onnx_frontend.matcher import constant_array
 
@@ -50,14 +50,54 @@ class GraphRewriter:
             self._set_constant(node, ref.input, np.take(weight, keep, axis=ref.axis))
         for ref in group.consumers:
             node = self.nodes[ref.node]
-            weight = constant_array(node.inputs[ref.input])
-            compensated = absorb(to_canonical_consumer(weight, ref.axis), plan.consumer_map)
+            weight = to_canonical_consumer(constant_array(node.inputs[ref.input]), ref.axis)
+            if plan.consumer_bias is not None:
+                self._add_bias(node, bias_correction(weight, plan.consumer_bias).astype(weight.dtype))
+            compensated = absorb(weight, plan.consumer_map)
             self._set_constant(node, ref.input, from_canonical_consumer(compensated, ref.axis))
         for node_name, attribute in group.width_attributes:
             self.nodes[node_name].attributes[attribute] = ir.AttrInt64(attribute, len(keep))
         for name in group.values:
             # Stale shapes would contradict the new widths; shape inference refills them.
             self.values[name].shape = None
+
+    def _add_bias(self, node: ir.Node, delta: np.ndarray) -> None:
+        """Add `delta` (O,) to a consumer's output: its bias input, or a new Add after a MatMul."""
+        if node.op_type in ("Conv", "Gemm"):
+            if len(node.inputs) > 2 and node.inputs[2] is not None:
+                old = constant_array(node.inputs[2])
+                self._set_constant(node, 2, (old + delta.reshape(old.shape if old.size == delta.size else -1)).astype(old.dtype))
+            else:
+                node.resize_inputs(3)
+                self._set_input_constant(node, 2, f"{node.name}_bias", delta)
+            return
+        output = node.outputs[0]
+        bias = self._new_initializer(f"{node.name}_bias", delta)
+        add = ir.node("Add", [output, bias], name=self._unique_name(f"{node.name}_bias_add"))
+        result = add.outputs[0]
+        result.name = self._unique_name(f"{output.name}_biased")
+        for user, index in list(output.uses()):
+            if user is not add:
+                user.replace_input_with(index, result)
+        for index, graph_output in enumerate(self.graph.outputs):
+            if graph_output is output:
+                self.graph.outputs[index] = result
+        self.graph.insert_after(node, add)
+        self.values[result.name] = result
+
+    def _new_initializer(self, base: str, array: np.ndarray) -> ir.Value:
+        name = self._unique_name(base)
+        value = ir.Value(
+            name=name,
+            shape=ir.Shape(array.shape),
+            type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+            const_value=ir.tensor(np.ascontiguousarray(array), name=name),
+        )
+        self.graph.register_initializer(value)
+        return value
+
+    def _set_input_constant(self, node: ir.Node, index: int, base: str, array: np.ndarray) -> None:
+        node.replace_input_with(index, self._new_initializer(base, array))
 
     def _set_constant(self, node: ir.Node, index: int, array: np.ndarray) -> None:
         """Give input `index` of `node` the new tensor, without touching other users."""
