@@ -56,6 +56,8 @@ def compress(
     selector: str = "wanda",
     compensation: str = "ridge",
     alpha: float = 1e-3,
+    statistics: str = "cross",
+    affine: bool = True,
     multiple: int = 1,
     seed: int = 0,
     pipeline: str | None = None,
@@ -68,13 +70,14 @@ def compress(
     The model is traced with torch.fx, every Conv / Linear channel group is found,
     Grams are recorded with forward hooks on `calibration_batches` (on the GPU when
     `device` is "auto" and CUDA is available), and the pipeline selects, compensates
-    and rewrites. When `report` is a dict, it receives the pipeline text, per-pass
+    and rewrites. The defaults match the command line: cross statistics with affine
+    compensation; `statistics="oneshot", affine=False` is the method as published. When `report` is a dict, it receives the pipeline text, per-pass
     statistics and the verdict of every candidate group.
     """
     batches = TensorBatches(calibration_batches)
     text = pipeline or default_pipeline(
         sparsity=sparsity, selector=selector, compensation=compensation, alpha=alpha,
-        multiple=multiple, seed=seed, validate=False,
+        statistics=statistics, affine=affine, multiple=multiple, seed=seed, validate=False,
     )  # fmt: skip
     passes = parse_pipeline(text)
     frontend = FxFrontEnd(model, example_inputs=_first_sample(batches.items[0]), device=device)

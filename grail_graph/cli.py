@@ -16,7 +16,9 @@ from grail_graph.driver import JobOptions, compress_file, default_pipeline
 from grail_graph.errors import GrailError
 from grail_graph.onnx_frontend.calibration import execution_providers
 from grail_graph.passes import describe_passes, parse_pipeline, print_pipeline
-from grail_graph.passes.transform import COMPENSATIONS
+from grail_graph.core import ALLOCATION_METHODS
+from grail_graph.passes.allocate import BUDGETS
+from grail_graph.passes.transform import COMPENSATIONS, STATISTICS
 from grail_graph.report import format_batch_table, format_summary
 from grail_graph.torch_models import spec_stem
 
@@ -59,6 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--compensation", choices=COMPENSATIONS, default="ridge",
                         help="ridge: GRAIL closed form; none: plain slicing")
     method.add_argument("--alpha", type=float, default=1e-3, help="ridge strength relative to mean(diag(G))")
+    method.add_argument(
+        "--statistics", choices=STATISTICS, default="cross",
+        help="oneshot: Grams from the original model; sequential / cross: group by group on the partly "
+        "compressed model (cross regresses the original hidden values)",
+    )  # fmt: skip
+    method.add_argument(
+        "--affine", action=argparse.BooleanOptionalAction, default=True,
+        help="also fit a constant that goes into the consumer bias",
+    )  # fmt: skip
+    method.add_argument(
+        "--allocation", choices=ALLOCATION_METHODS, default="uniform",
+        help="uniform: the same sparsity in every group; flap / error: one global budget",
+    )  # fmt: skip
+    method.add_argument("--budget", choices=BUDGETS, default="params", help="what --sparsity counts with --allocation")
     method.add_argument("--multiple", type=int, default=1, help="round kept widths to a multiple of this")
     method.add_argument("--seed", type=int, default=0, help="seed of the random selector")
     method.add_argument("--samples", type=int, default=0, help="calibration samples to use; 0 uses all")
@@ -85,6 +101,10 @@ def _pipeline_text(args: argparse.Namespace) -> str:
         selector=args.selector,
         compensation=args.compensation,
         alpha=args.alpha,
+        statistics=args.statistics,
+        affine=args.affine,
+        allocation=args.allocation,
+        budget=args.budget,
         multiple=args.multiple,
         seed=args.seed,
         batch_size=args.batch_size,

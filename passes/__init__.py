@@ -5,7 +5,7 @@ Installed as `grail_graph.passes`. Importing this package registers every pass.
 
 from __future__ import annotations
 
-from grail_graph.passes import transform, validate
+from grail_graph.passes import allocate, transform, validate
 from grail_graph.passes.base import PASSES, CompressionState, Pass, PassResult, register
 from grail_graph.passes.pipeline import (
     describe_passes,
@@ -16,6 +16,7 @@ from grail_graph.passes.pipeline import (
 
 __all__ = [
     "PASSES",
+    "allocate",
     "CompressionState",
     "Pass",
     "PassResult",

@@ -39,8 +39,11 @@ class CompressionState:
     """Cross products of the original model's taps with the compressed model's, per group."""
     active: list[ChannelGroup] | None = None
     """The groups the group-wise passes work on now; None means all of them."""
+    widths: dict[str, int] = field(default_factory=dict)
+    """Kept width per group chosen by `allocate`; groups without one use `select`'s sparsity."""
     keeps: dict[str, np.ndarray] = field(default_factory=dict)
     plans: dict[str, GroupPlan] = field(default_factory=dict)
+    rewritten: set[str] = field(default_factory=set)
     verdicts: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
 

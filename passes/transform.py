@@ -120,9 +120,8 @@ class Select(Pass):
             "Gram statistics", not needs_gram or bool(state.stats) or not state.groups, self.name,
             "Run 'calibrate' before 'select', or use select{method=magnitude}.",
         )  # fmt: skip
-        removed = 0
         for group in state.current_groups:
-            k = kept_width(group.width, options.sparsity, options.multiple)
+            k = state.widths.get(group.name) or kept_width(group.width, options.sparsity, options.multiple)
             stats = state.stats.get(group.name)
             state.keeps[group.name] = select_channels(
                 options.method,
@@ -132,7 +131,7 @@ class Select(Pass):
                 consumers=state.frontend.consumer_weights(group),
                 seed=options.seed,
             )
-            removed += group.width - k
+        removed = sum(g.width - len(state.keeps[g.name]) for g in state.groups if g.name in state.keeps)
         return PassResult(False, {"channels_removed": removed})
 
 
@@ -225,5 +224,7 @@ class Rewrite(Pass):
                 state.verdicts[group.name] = f"compressed: {group.width} -> {len(plan.keep)} channels"
         if plans:
             state.frontend.apply(plans)
-        removed = sum(plan.group.width - len(plan.keep) for plan in plans)
-        return PassResult(bool(plans), {"groups_rewritten": len(plans), "channels_removed": removed})
+        state.rewritten.update(plan.group.name for plan in plans)
+        done = [state.plans[name] for name in state.rewritten]
+        removed = sum(plan.group.width - len(plan.keep) for plan in done)
+        return PassResult(bool(plans), {"groups_rewritten": len(done), "channels_removed": removed})

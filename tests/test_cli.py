@@ -184,7 +184,6 @@ def test_resnet_report_covers_candidates(ridge_run: CliRun) -> None:
     for group in groups:
         assert group["verdict"] == f"compressed: {group['width']} -> {group['kept']} channels"
         assert group["kept"] == group["width"] // 2
-        assert group["relative_error"] <= group["relative_error_sliced"]
     for record in declined:
         assert record["reason"]
         assert record["verdict"] == f"skipped: {record['reason']}"

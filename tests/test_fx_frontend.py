@@ -432,28 +432,48 @@ def test_no_compensation_equals_zeroed_channels():
         torch.testing.assert_close(compressed(batches[0]), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_ridge_alpha_zero_is_least_squares_refit():
-    """With alpha 0 the consumer is refit to the calibration activations by least squares.
+def plain_pipeline(affine: bool) -> str:
+    """Return a pipeline that solves each group from its own Gram (one-shot) with alpha 0."""
+    compensate = f"compensate{{method=ridge alpha=0.0 affine={'true' if affine else 'false'}}}"
+    return f"find-groups,calibrate{{statistics=oneshot}},select{{method=wanda sparsity=0.5}},{compensate},rewrite"
 
-    The consumer is the model's last layer, so its weight alone decides the output: the
-    compressed weight W' must solve min ||X W^T - X_P W'^T|| over the calibration rows X.
+
+def least_squares_refit(model: Mlp, batches: list[torch.Tensor], keep: np.ndarray, intercept: bool):
+    """Fit the consumer fc2 to the kept tap channels on the calibration rows by least squares.
+
+    Returns the weight W' (O, K) that minimises ||X W^T - X_P W'^T - 1 d^T|| over the rows X
+    of the tap, and the bias b + d (d = 0 without `intercept`).
     """
+    rows = tap_rows(capture_output(model.act, model, batches), channels_last=True)
+    weight = model.fc2.weight.detach().double().numpy()
+    bias = model.fc2.bias.detach().double().numpy()
+    design = rows[:, keep]
+    if intercept:
+        design = np.hstack([design, np.ones((len(rows), 1))])
+    solution, *_ = np.linalg.lstsq(design, rows @ weight.T, rcond=None)
+    if intercept:
+        return solution[:-1].T, bias + solution[-1]
+    return solution.T, bias
+
+
+@pytest.mark.parametrize("affine", [False, True])
+def test_ridge_alpha_zero_is_least_squares_refit(affine):
+    """With alpha 0 the last layer's weights (and with `affine` its bias) are a least-squares refit."""
     model = seeded(Mlp)
     batches = random_batches(TOKEN_SHAPE)
 
-    compressed = compress(model, batches, sparsity=0.5, compensation="ridge", alpha=0.0, device="cpu")
+    compressed = compress(model, batches, pipeline=plain_pipeline(affine), device="cpu")
 
     keep = kept_channels(model.fc1.weight, compressed.fc1.weight)
-    rows = tap_rows(capture_output(model.act, model, batches), channels_last=True)
-    weight = model.fc2.weight.detach().double().numpy()
-    solution, *_ = np.linalg.lstsq(rows[:, keep], rows @ weight.T, rcond=None)
-    np.testing.assert_allclose(compressed.fc2.weight.detach().double().numpy(), solution.T, rtol=1e-4, atol=1e-5)
+    weight, bias = least_squares_refit(model, batches, keep, intercept=affine)
+    np.testing.assert_allclose(compressed.fc2.weight.detach().double().numpy(), weight, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(compressed.fc2.bias.detach().double().numpy(), bias, rtol=1e-4, atol=1e-5)
 
-    kept_rows = torch.from_numpy(rows[:, keep]).float()
-    refit = kept_rows @ torch.from_numpy(solution).float() + model.fc2.bias.detach()
+    rows = tap_rows(capture_output(model.act, model, batches), channels_last=True)
+    refit = rows[:, keep] @ weight.T + bias
     with torch.no_grad():
-        outputs = torch.cat([compressed(batch).reshape(-1, 8) for batch in batches])
-    torch.testing.assert_close(outputs, refit, rtol=1e-4, atol=1e-4)
+        outputs = torch.cat([compressed(batch).reshape(-1, 8) for batch in batches]).double().numpy()
+    np.testing.assert_allclose(outputs, refit, rtol=1e-4, atol=1e-4)
 
 
 def test_compress_leaves_caller_module_unchanged():

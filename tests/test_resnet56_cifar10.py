@@ -60,6 +60,8 @@ def test_resnet56_matches_reference(protocol, sparsity, compensation):
         "--selector", "wanda",
         "--compensation", compensation,
         "--alpha", "1e-3",
+        "--statistics", "oneshot",
+        "--no-affine",
         "--latency-runs", "0",
         "-o", str(protocol / f"out-{sparsity}-{compensation}.onnx"),
         "--report", str(report_path),
@@ -81,7 +83,8 @@ def _run_passes(frontend, calibration, sparsity):
     from grail_graph.passes import CompressionState, parse_pipeline, run_pipeline
 
     state = CompressionState(frontend=frontend, calibration=calibration)
-    run_pipeline(parse_pipeline(default_pipeline(sparsity=sparsity, validate=False)), state)
+    text = default_pipeline(sparsity=sparsity, statistics="oneshot", affine=False, validate=False)
+    run_pipeline(parse_pipeline(text), state)
     return state
 
 

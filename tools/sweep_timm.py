@@ -86,6 +86,7 @@ class ModelResult:
     compress_seconds: float | None = None
     export_seconds: float | None = None
     total_seconds: float | None = None
+    pipeline: str | None = None
     failed_stage: str | None = None
     error: str | None = None
 
@@ -185,6 +186,7 @@ def sweep_model(name: str, sparsity: float, work_dir: Path) -> ModelResult:
         tick = time.perf_counter()
         compressed = compress(model, batches, sparsity=sparsity, device="cpu", report=report)
         result.compress_seconds = time.perf_counter() - tick
+        result.pipeline = report["pipeline"]
         result.groups = len(report["groups"])
         result.compressed_groups = sum(1 for group in report["groups"] if str(group["verdict"]).startswith("compressed"))
         result.declined = len(report["declined"])
@@ -273,6 +275,7 @@ def table_row(result: ModelResult) -> str:
 
 
 def render_page(results: Sequence[ModelResult], command: str, sparsity: float) -> str:
+    pipelines = sorted({result.pipeline for result in results if result.pipeline}) or ["no pipeline (every model failed)"]
     lines = [
         "# Model zoo sweep",
         "",
@@ -299,8 +302,9 @@ def render_page(results: Sequence[ModelResult], command: str, sparsity: float) -
         "layer scales to 1e-6 and the MLP-Mixer head to 0, which would hide a wrong rewrite.",
         f"- Calibration: {CALIBRATION_IMAGES} images drawn from N(0, 1) in batches of "
         f"{CALIBRATION_BATCH}, at the model's default input size unless the table says otherwise.",
-        f"- Compression: `compress(model, batches, sparsity={sparsity}, device=\"cpu\")` with the "
-        "default selector (wanda) and ridge compensation (alpha 1e-3).",
+        f"- Compression: `compress(model, batches, sparsity={sparsity}, device=\"cpu\")`, which ran "
+        + ", ".join(f"`{text}`" for text in pipelines)
+        + ".",
         f"- Checks on {CHECK_IMAGES} further random images: the relative output change "
         "‖y_compressed − y‖ / ‖y‖ against the original model, and the max-abs logit difference "
         "between ONNX Runtime (CPU) and the eager compressed module, with the max |logit| for scale. "

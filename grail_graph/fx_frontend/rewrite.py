@@ -14,6 +14,7 @@ from torch import nn
 from grail_graph.core import absorb, bias_correction
 from grail_graph.errors import GrailError
 from grail_graph.frontend import GroupPlan
+from grail_graph.groups import WeightRef
 
 
 def get_tensor(model: nn.Module, name: str) -> torch.Tensor:
@@ -80,7 +81,14 @@ def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> None:
         for plan in plans:
             keep = torch.as_tensor(np.asarray(plan.keep), dtype=torch.long)
             group = plan.group
-            for ref in (*group.producers, *group.narrowed):
+            names = {ref.node for ref in (*group.producers, *group.narrowed)}
+            # A bias added by affine compensation after matching is not in the record.
+            late_biases = [
+                WeightRef(f"{owner}.bias", 0, 0)
+                for owner in (ref.node.rpartition(".")[0] for ref in group.producers)
+                if getattr(model.get_submodule(owner), "bias", None) is not None and f"{owner}.bias" not in names
+            ]
+            for ref in (*group.producers, *group.narrowed, *late_biases):
                 tensor = get_tensor(model, ref.node)
                 set_tensor(model, ref.node, tensor.index_select(ref.axis, keep.to(tensor.device)))
                 touched.add(ref.node.rpartition(".")[0])

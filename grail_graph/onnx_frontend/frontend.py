@@ -16,7 +16,7 @@ from onnx_ir.passes.common import NameFixPass, ShapeInferencePass
 from grail_graph.core import CrossAccumulator, GramAccumulator
 from grail_graph.errors import GrailError, UnsupportedModelError
 from grail_graph.frontend import Batch, GroupPlan
-from grail_graph.groups import ChannelGroup, Declined
+from grail_graph.groups import ChannelGroup, Declined, WeightRef
 from grail_graph.onnx_frontend import calibration, matcher
 from grail_graph.onnx_frontend.model_io import (
     PROTOBUF_LIMIT_BYTES,
@@ -37,6 +37,7 @@ class OnnxFrontEnd:
         self.source = source
         self.device = device
         self._nodes: dict[str, ir.Node] | None = None
+        self.added_biases: dict[str, WeightRef] = {}
         NameFixPass()(model)  # the matcher and the group records address nodes by name
         try:
             ShapeInferencePass()(model)
@@ -110,7 +111,7 @@ class OnnxFrontEnd:
         )  # fmt: skip
 
     def apply(self, plans: list[GroupPlan]) -> None:
-        GraphRewriter(self.model).apply(plans)
+        GraphRewriter(self.model, self.added_biases).apply(plans)
         self._nodes = None
 
     def verify(self) -> None:

@@ -8,6 +8,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from grail_graph.core import absorb, bias_correction
 from grail_graph.frontend import GroupPlan
+from grail_graph.groups import WeightRef
 from grail_graph.onnx_frontend.matcher import constant_array
 
 
@@ -29,8 +30,11 @@ def to_canonical_producer(weight: np.ndarray, axis: int) -> np.ndarray:
 class GraphRewriter:
     """Narrow producers and compensate consumers of an `ir.Model` in place."""
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(self, model: ir.Model, added_biases: dict[str, WeightRef] | None = None) -> None:
         self.model = model
+        # Biases created by affine compensation, by producer node: they postdate the group
+        # records, so a later plan that narrows that node narrows them through this map.
+        self.added_biases = {} if added_biases is None else added_biases
         self.graph = model.graph
         self.nodes = {node.name: node for node in self.graph}
         self.values = {value.name: value for node in self.graph for value in node.outputs}
@@ -44,7 +48,8 @@ class GraphRewriter:
     def _apply_plan(self, plan: GroupPlan) -> None:
         group = plan.group
         keep = np.asarray(plan.keep, dtype=np.int64)
-        for ref in (*group.producers, *group.narrowed):
+        late = [self.added_biases[ref.node] for ref in group.producers if ref.node in self.added_biases]
+        for ref in (*group.producers, *group.narrowed, *late):
             node = self.nodes[ref.node]
             weight = constant_array(node.inputs[ref.input])
             self._set_constant(node, ref.input, np.take(weight, keep, axis=ref.axis))
@@ -70,6 +75,7 @@ class GraphRewriter:
             else:
                 node.resize_inputs(3)
                 self._set_input_constant(node, 2, f"{node.name}_bias", delta)
+                self.added_biases[node.name] = WeightRef(node.name, 2, 0)
             return
         output = node.outputs[0]
         bias = self._new_initializer(f"{node.name}_bias", delta)
@@ -84,6 +90,8 @@ class GraphRewriter:
                 self.graph.outputs[index] = result
         self.graph.insert_after(node, add)
         self.values[result.name] = result
+        self.nodes[add.name] = add
+        self.added_biases[node.name] = WeightRef(add.name, 1, 0)
 
     def _new_initializer(self, base: str, array: np.ndarray) -> ir.Value:
         name = self._unique_name(base)
