@@ -18,7 +18,7 @@ from grail_graph.onnx_frontend.calibration import execution_providers
 from grail_graph.passes import describe_passes, parse_pipeline, print_pipeline
 from grail_graph.core import ALLOCATION_METHODS
 from grail_graph.passes.allocate import BUDGETS
-from grail_graph.passes.transform import COMPENSATIONS, STATISTICS
+from grail_graph.passes.transform import COMPENSATIONS, FOLD_METHODS, STATISTICS
 from grail_graph.report import format_batch_table, format_summary
 from grail_graph.torch_models import spec_stem
 
@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     torch_group.add_argument("--random-weights", action="store_true", help="build a timm:NAME model with random weights")
     method = parser.add_argument_group("method")
     method.add_argument("--sparsity", type=float, default=0.5, help="fraction of each group's channels removed, in [0, 1)")
-    method.add_argument("--selector", choices=SELECTORS, default="wanda", help="channel selector")
+    method.add_argument(
+        "--selector", choices=SELECTORS + FOLD_METHODS, default="wanda",
+        help="channel selector, or fold-kmeans / fold-pca to merge channels instead of removing them",
+    )  # fmt: skip
     method.add_argument("--compensation", choices=COMPENSATIONS, default="ridge",
                         help="ridge: GRAIL closed form; none: plain slicing")
     method.add_argument("--alpha", type=float, default=1e-3, help="ridge strength relative to mean(diag(G))")

@@ -29,6 +29,8 @@ class GroupPlan:
     consumer_map: np.ndarray
     consumer_bias: np.ndarray | None = None
     """Constant c, shape (H,), with h ~= B h_P + c; each consumer's bias grows by W c."""
+    producer_map: np.ndarray | None = None
+    """Averaging matrix R, shape (K, H), when the group is folded instead of pruned."""
     statistics: dict[str, float] = field(default_factory=dict)
 
 

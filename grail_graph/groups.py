@@ -11,13 +11,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+# Roles of narrowed tensors; folding needs to know which tensor is which.
+BIAS = "bias"
+BN_ROLES = ("bn_scale", "bn_bias", "bn_mean", "bn_var")
+DEPTHWISE = "depthwise"
+CONSTANT = "constant"
+
+
 @dataclass(frozen=True)
 class WeightRef:
-    """One weight tensor of a group: input `input` of node `node`, hidden axis `axis`."""
+    """One weight tensor of a group: input `input` of node `node`, hidden axis `axis`.
+
+    `role` says what a narrowed tensor is: a producer `bias`, one of the BatchNorm
+    tensors in BN_ROLES, a `depthwise` convolution's weight or bias, or a per-channel
+    `constant`. Producer and consumer weights leave it empty.
+    """
 
     node: str
     input: int
     axis: int
+    role: str = ""
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,7 @@ def format_validation(validation: dict[str, Any]) -> list[str]:
 def format_summary(report: dict[str, Any]) -> str:
     """Return the multi-line stdout summary of one compressed model."""
     groups = report["groups"]
-    compressed = sum(1 for group in groups if group["verdict"].startswith("compressed"))
+    compressed = sum(1 for group in groups if group["verdict"].startswith(("compressed", "folded")))
     lines = [
         f"{report['model']} -> {report['output']}",
         f"  pipeline: {report['pipeline']}",
@@ -75,7 +75,7 @@ def format_batch_table(reports: list[dict[str, Any]]) -> str:
             rows.append(f"{name:40} {'failed':8} {report['error']}")
             continue
         validation = report.get("validation") or {}
-        compressed = sum(1 for group in report["groups"] if group["verdict"].startswith("compressed"))
+        compressed = sum(1 for group in report["groups"] if group["verdict"].startswith(("compressed", "folded")))
         before = validation.get("before", {}).get("parameters", "")
         after = validation.get("after", {}).get("parameters", "")
         agreement = validation.get("top1_agreement")

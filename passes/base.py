@@ -42,6 +42,9 @@ class CompressionState:
     widths: dict[str, int] = field(default_factory=dict)
     """Kept width per group chosen by `allocate`; groups without one use `select`'s sparsity."""
     keeps: dict[str, np.ndarray] = field(default_factory=dict)
+    folds: dict[str, np.ndarray] = field(default_factory=dict)
+    """Averaging matrix R (K, H) of each group that is folded instead of pruned."""
+    notes: dict[str, str] = field(default_factory=dict)
     plans: dict[str, GroupPlan] = field(default_factory=dict)
     rewritten: set[str] = field(default_factory=set)
     verdicts: dict[str, str] = field(default_factory=dict)

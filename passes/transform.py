@@ -10,6 +10,10 @@ from tqdm import tqdm
 
 from grail_graph.core import (
     SELECTORS,
+    averaging_matrix,
+    cluster_channels,
+    fold_features,
+    fold_map,
     affine_cross_map,
     affine_prune_map,
     cross_map,
@@ -20,11 +24,16 @@ from grail_graph.core import (
     slice_map,
 )
 from grail_graph.frontend import GroupPlan
+from grail_graph.groups import BIAS, BN_ROLES
 from grail_graph.passes.base import CompressionState, NoOptions, Pass, PassResult, register
 
 logger = logging.getLogger(__name__)
 
 COMPENSATIONS = ("ridge", "none")
+FOLD_METHODS = ("fold-kmeans", "fold-pca")
+# Folding merges the pre-activations of a producer -> [BatchNorm] chain, so it needs every
+# narrowed tensor to be a producer bias or a BatchNorm tensor.
+FOLDABLE_ROLES = frozenset({BIAS, *BN_ROLES})
 
 
 @register
@@ -93,14 +102,16 @@ class Calibrate(Pass):
 
 @dataclass(frozen=True)
 class SelectOptions:
-    method: str = field(default="wanda", metadata={"help": f"channel selector: {', '.join(SELECTORS)}"})
+    method: str = field(
+        default="wanda", metadata={"help": f"channel selector: {', '.join(SELECTORS)}; or folding: {', '.join(FOLD_METHODS)}"}
+    )
     sparsity: float = field(default=0.5, metadata={"help": "fraction of each group's channels removed, in [0, 1)"})
     multiple: int = field(default=1, metadata={"help": "round kept widths to a multiple of this"})
     seed: int = field(default=0, metadata={"help": "seed of the random selector"})
 
     def __post_init__(self) -> None:
-        if self.method not in SELECTORS:
-            raise ValueError(f"method {self.method!r} is not one of {', '.join(SELECTORS)}")
+        if self.method not in SELECTORS + FOLD_METHODS:
+            raise ValueError(f"method {self.method!r} is not one of {', '.join(SELECTORS + FOLD_METHODS)}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
         if self.multiple < 1:
@@ -115,7 +126,7 @@ class Select(Pass):
 
     def run(self, state: CompressionState) -> PassResult:
         options = self.options
-        needs_gram = options.method in ("wanda", "gram")
+        needs_gram = options.method in ("wanda", "gram", *FOLD_METHODS)
         state.require(
             "Gram statistics", not needs_gram or bool(state.stats) or not state.groups, self.name,
             "Run 'calibrate' before 'select', or use select{method=magnitude}.",
@@ -123,8 +134,17 @@ class Select(Pass):
         for group in state.current_groups:
             k = state.widths.get(group.name) or kept_width(group.width, options.sparsity, options.multiple)
             stats = state.stats.get(group.name)
+            method = options.method
+            if method in FOLD_METHODS:
+                reason = _fold_blocker(group)
+                if reason is None:
+                    state.folds[group.name] = _cluster(state, group, k, method, options.seed)
+                    state.keeps[group.name] = np.arange(k)
+                    continue
+                state.notes[group.name] = f"pruned with wanda instead of folded: {reason}"
+                method = "wanda"
             state.keeps[group.name] = select_channels(
-                options.method,
+                method,
                 k,
                 gram=None if stats is None else stats.gram,
                 producers=state.frontend.producer_weights(group),
@@ -133,6 +153,29 @@ class Select(Pass):
             )
         removed = sum(g.width - len(state.keeps[g.name]) for g in state.groups if g.name in state.keeps)
         return PassResult(False, {"channels_removed": removed})
+
+
+def _fold_blocker(group) -> str | None:
+    """Return why `group` cannot be folded, else None."""
+    roles = {ref.role for ref in group.narrowed}
+    if not roles <= FOLDABLE_ROLES:
+        names = sorted(ref.node for ref in group.narrowed if ref.role not in FOLDABLE_ROLES)
+        return f"folding supports only producer biases and BatchNorm, not {', '.join(names)}"
+    if sum(ref.role == BN_ROLES[0] for ref in group.narrowed) > 1:
+        return "folding supports at most one BatchNorm"
+    return None
+
+
+def _cluster(state: CompressionState, group, k: int, method: str, seed: int) -> np.ndarray:
+    """Return the averaging matrix R (K, H) from k-means on the group's channel features."""
+    producers = state.frontend.producer_weights(group)
+    if method == "fold-kmeans":
+        features = fold_features(producers)
+    else:
+        consumers = state.frontend.consumer_weights(group)
+        extra = [state.frontend.narrowed_tensor(group, ref) for ref in group.narrowed if ref.role in BN_ROLES]
+        features = fold_features(producers, consumers, extra)
+    return averaging_matrix(cluster_channels(features, k, seed), k)
 
 
 @dataclass(frozen=True)
@@ -171,7 +214,8 @@ class Compensate(Pass):
                 continue  # nothing removed, so the group stays exactly as it is
             plan = self._plan(state, group, keep)
             stats = state.stats.get(group.name)
-            if stats is not None and group.name not in state.crosses and plan.consumer_bias is None:
+            plain = plan.consumer_bias is None and plan.producer_map is None
+            if stats is not None and group.name not in state.crosses and plain:
                 consumers = state.frontend.consumer_weights(group)
                 sliced = relative_reconstruction_error(stats.gram, consumers, slice_map(group.width, keep), keep)
                 final = relative_reconstruction_error(stats.gram, consumers, plan.consumer_map, keep)
@@ -188,6 +232,14 @@ class Compensate(Pass):
     def _plan(self, state: CompressionState, group, keep: np.ndarray) -> GroupPlan:
         """Solve B (and the constant c with `affine`) from one-shot or cross statistics."""
         options = self.options
+        folding = state.folds.get(group.name)
+        if folding is not None:
+            # NOTE: folded groups use the Gram of the model they are applied to and no
+            # constant, even when cross statistics or affine compensation are requested.
+            if options.method == "none":
+                return GroupPlan(group, keep, (folding > 0).T.astype(np.float64), producer_map=folding)
+            gram = state.stats[group.name].gram
+            return GroupPlan(group, keep, fold_map(gram, folding, options.alpha), producer_map=folding)
         if options.method == "none":
             return GroupPlan(group, keep, slice_map(group.width, keep))
         stats = state.stats[group.name]
@@ -221,7 +273,9 @@ class Rewrite(Pass):
             if plan is None:
                 state.verdicts[group.name] = f"unchanged: all {group.width} channels kept"
             else:
-                state.verdicts[group.name] = f"compressed: {group.width} -> {len(plan.keep)} channels"
+                how = "folded" if plan.producer_map is not None else "compressed"
+                note = f" ({state.notes[group.name]})" if group.name in state.notes else ""
+                state.verdicts[group.name] = f"{how}: {group.width} -> {len(plan.keep)} channels{note}"
         if plans:
             state.frontend.apply(plans)
         state.rewritten.update(plan.group.name for plan in plans)

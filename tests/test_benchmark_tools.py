@@ -118,7 +118,9 @@ def test_accuracy_bullets_name_losses_and_references():
         bench.GridPoint("magnitude", "ridge", 0.3, folded_batchnorm=True), 67.0, 0.9, 100, 1000, 1.0, None, Path("m.onnx")
     )
 
-    bullets = bench.accuracy_bullets(rows, [folded], settings, dense, depth=56)
+    results = bench.AccuracyResults(rows, [folded], [])
+
+    bullets = bench.accuracy_bullets(results, settings, dense, depth=56)
 
     assert "wanda +12.00, magnitude -1.00" in bullets[0]
     assert "wanda with ridge compensation at 74.50%" in bullets[0]
@@ -138,6 +140,27 @@ def test_reference_rows_mark_folded_export():
     assert table == [["magnitude, ridge, 50%, BatchNorm folded", "29.30", "29.32", "-0.02"]]
 
 
+def test_grid_point_label_marks_settings():
+    point = bench.GridPoint("wanda", "ridge", 0.5, statistics="cross", affine=True)
+
+    assert point.label == "wanda-ridge-0.5-cross-affine"
+
+
 def test_kept_widths_text():
     assert bench.kept_widths_text([(16, 11), (32, 22)]) == "11 of 16, 22 of 32"
     assert bench.kept_widths_text([]) == ""
+
+
+def test_thread_setting_bullets_flag_contention():
+    latency = [
+        bench.LatencyResult(0.5, 60, "default", (10.4, 1.85), (242.2, 199.8)),
+        bench.LatencyResult(0.5, 60, "1", (2.18, 1.52), (185.6, 143.4)),
+        bench.LatencyResult(0.7, 40, "default", (2.2, 1.4), (82.7, 65.4)),
+        bench.LatencyResult(0.7, 40, "1", (1.9, 1.3), (106.4, 76.8)),
+    ]
+
+    bullets = bench.thread_setting_bullets(latency)
+
+    assert len(bullets) == 1
+    assert "(10.40 against 2.18 ms at 50%)" in bullets[0]
+    assert bench.thread_setting_bullets(latency[2:]) == []

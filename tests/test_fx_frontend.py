@@ -22,7 +22,7 @@ from grail_graph.api import compress, export_onnx
 from grail_graph.errors import DataError, GrailError, UnsupportedModelError
 from grail_graph.fx_frontend.export import check_export
 from grail_graph.fx_frontend.frontend import FxFrontEnd
-from grail_graph.groups import ChannelGroup, Declined, WeightRef
+from grail_graph.groups import BIAS, CONSTANT, ChannelGroup, Declined, WeightRef
 
 # Models -------------------------------------------------------------------------------------
 
@@ -333,7 +333,7 @@ def test_mlp_on_tokens_group():
     assert group.width == 16
     assert group.channels_last
     assert group.producers == (WeightRef("fc1.weight", 0, 0),)
-    assert group.narrowed == (WeightRef("fc1.bias", 0, 0),)
+    assert group.narrowed == (WeightRef("fc1.bias", 0, 0, BIAS),)
     assert group.consumers == (WeightRef("fc2.weight", 0, 1),)
 
 
@@ -359,7 +359,7 @@ def test_layer_scale_parameter_narrowed():
     group = only_group(match(seeded(LayerScaleMlp))[0])
 
     assert names(group.narrowed) == {"fc1.bias", "gamma"}
-    assert WeightRef("gamma", 0, 0) in group.narrowed
+    assert WeightRef("gamma", 0, 0, CONSTANT) in group.narrowed
 
     compressed = compress(seeded(LayerScaleMlp), random_batches(TOKEN_SHAPE), sparsity=0.5, device="cpu")
     assert compressed.gamma.shape == (8,)

@@ -7,7 +7,7 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from grail_graph.groups import ChannelGroup, Declined, WeightRef
+from grail_graph.groups import BIAS, BN_ROLES, CONSTANT, DEPTHWISE, ChannelGroup, Declined, WeightRef
 from grail_graph.onnx_frontend.frontend import OnnxFrontEnd
 from tests.onnx_builders import (
     CONV_INPUT,
@@ -54,8 +54,8 @@ def test_conv_bn_relu_conv_group():
     assert not group.channels_last
     assert group.producers == (WeightRef("conv1", 1, 0),)
     assert group.consumers == (WeightRef("conv2", 1, 1),)
-    bn_tensors = {WeightRef("bn", index, 0) for index in range(1, 5)}
-    assert set(group.narrowed) == {WeightRef("conv1", 2, 0)} | bn_tensors
+    bn_tensors = {WeightRef("bn", index, 0, BN_ROLES[index - 1]) for index in range(1, 5)}
+    assert set(group.narrowed) == {WeightRef("conv1", 2, 0, BIAS)} | bn_tensors
     assert group.width_attributes == ()
     assert set(group.values) == {"conv1_out", "bn_out", "relu_out"}
     # conv2 writes the graph output, so it cannot be a producer.
@@ -151,8 +151,8 @@ def test_inverted_residual_depthwise_group():
     assert group.tap == "relu_out"
     assert group.producers == (WeightRef("expand", 1, 0),)
     assert group.consumers == (WeightRef("project", 1, 1),)
-    expected = {WeightRef(bn, index, 0) for bn in ("bn1", "bn2") for index in range(1, 5)}
-    expected |= {WeightRef("depthwise", 1, 0), WeightRef("depthwise", 2, 0)}
+    expected = {WeightRef(bn, index, 0, BN_ROLES[index - 1]) for bn in ("bn1", "bn2") for index in range(1, 5)}
+    expected |= {WeightRef("depthwise", 1, 0, DEPTHWISE), WeightRef("depthwise", 2, 0, DEPTHWISE)}
     assert set(group.narrowed) == expected
     assert group.width_attributes == (("depthwise", "group"),)
     assert {"clip_out", "depthwise_out", "bn2_out"} <= set(group.values)
@@ -169,7 +169,7 @@ def test_gemm_gelu_gemm_group():
     assert group.tap == "gelu_out"
     # transB=1 stores Gemm weights as (out, in), so the hidden axis is 0 for fc1 and 1 for fc2.
     assert group.producers == (WeightRef("fc1", 1, 0),)
-    assert group.narrowed == (WeightRef("fc1", 2, 0),)
+    assert group.narrowed == (WeightRef("fc1", 2, 0, BIAS),)
     assert group.consumers == (WeightRef("fc2", 1, 1),)
 
 
@@ -178,7 +178,7 @@ def test_gemm_without_transpose_axes():
 
     assert group.producers == (WeightRef("fc1", 1, 1),)
     # The (1, hidden) bias keeps its channels on axis 1.
-    assert group.narrowed == (WeightRef("fc1", 2, 1),)
+    assert group.narrowed == (WeightRef("fc1", 2, 1, BIAS),)
     assert group.consumers == (WeightRef("fc2", 1, 0),)
 
 
@@ -202,7 +202,7 @@ def test_matmul_mlp_activation_group(activation, tap):
     assert group.channels_last
     assert group.tap == tap
     assert group.producers == (WeightRef("fc1", 1, 1),)
-    assert group.narrowed == (WeightRef("fc1_bias", 1, 0),)
+    assert group.narrowed == (WeightRef("fc1_bias", 1, 0, CONSTANT),)
     assert group.consumers == (WeightRef("fc2", 1, 0),)
     assert {"fc1_out", "fc1_bias_out", tap} <= set(group.values)
     assert {entry.candidate for entry in declined} == {"fc2"}
@@ -289,7 +289,7 @@ def test_constant_node_scale_narrowed(scale_shape, axis):
 
     group = only_group(groups)
     assert group.width == 6
-    assert group.narrowed == (WeightRef("scale", 1, axis),)
+    assert group.narrowed == (WeightRef("scale", 1, axis, CONSTANT),)
     assert group.consumers == (WeightRef("conv2", 1, 1),)
 
 

@@ -91,10 +91,18 @@ class GridPoint:
     sparsity: float
     folded_batchnorm: bool = False
     """Compress the export whose BatchNormalization nodes are folded into the Conv weights."""
+    statistics: str = "oneshot"
+    """Calibrate statistics: "oneshot" (Grams of the original model) or the product's "sequential" or "cross"."""
+    affine: bool = False
+    """Also fit a constant into the consumer bias (the product's affine compensation)."""
 
     @property
     def label(self) -> str:
         suffix = "-folded-bn" if self.folded_batchnorm else ""
+        if self.statistics != "oneshot":
+            suffix += f"-{self.statistics}"
+        if self.affine:
+            suffix += "-affine"
         return f"{self.selector}-{self.compensation}-{self.sparsity:g}{suffix}"
 
 
@@ -113,6 +121,8 @@ class Settings:
     quick: bool
     folded_points: tuple[GridPoint, ...] = ()
     """Extra points on the BatchNorm-folded export, compared only with the reference figures."""
+    default_points: tuple[GridPoint, ...] = ()
+    """Extra points with the statistics and affine settings that grail-opt uses by default."""
 
 
 FULL_SETTINGS = Settings(
@@ -127,6 +137,8 @@ FULL_SETTINGS = Settings(
         GridPoint("magnitude", "ridge", 0.3, folded_batchnorm=True),
         GridPoint("magnitude", "ridge", 0.5, folded_batchnorm=True),
     ),
+    # Cross statistics calibrate group by group, which takes minutes per point, so only one.
+    default_points=(GridPoint("wanda", "ridge", 0.5, statistics="cross", affine=True),),
 )
 QUICK_SETTINGS = Settings(("wanda",), (0.5,), 1000, 1, 30, 3, quick=True)
 
@@ -157,6 +169,15 @@ class AccuracyRow:
     output: Path
     kept_widths: tuple[tuple[int, int], ...] = ()
     """Distinct (group width, kept channels) pairs of the compressed model."""
+
+
+@dataclass
+class AccuracyResults:
+    """Rows of the main grid, of the BatchNorm-folded export and of grail-opt's default settings."""
+
+    grid: list[AccuracyRow]
+    folded: list[AccuracyRow]
+    defaults: list[AccuracyRow]
 
 
 @dataclass
@@ -299,6 +320,8 @@ def compress_and_evaluate(
         selector=point.selector,
         compensation=point.compensation,
         alpha=ALPHA,
+        statistics=point.statistics,
+        affine=point.affine,
         batch_size=BATCH_SIZE,
         validate=False,
     )
@@ -762,7 +785,12 @@ def span(values: Sequence[int]) -> str:
     return f"{values[0]:,}" if len(values) == 1 else f"{values[0]:,} to {values[-1]:,}"
 
 
-def calibration_table(speed: SpeedResults) -> str:
+def calibration_table(speed: SpeedResults, results: AccuracyResults) -> str:
+    """Tabulate the interleaved calibration timings, then the calibrate passes of the compress_file reports.
+
+    The report rows are not interleaved with plain inference. They are divided by the
+    end-to-end plain median.
+    """
     rows = []
     for label, plain, calibrate in (
         ("end to end (session creation included)", speed.plain_end_to_end, speed.calibrate_end_to_end),
@@ -770,6 +798,17 @@ def calibration_table(speed: SpeedResults) -> str:
     ):
         plain_median, calibrate_median = statistics.median(plain), statistics.median(calibrate)
         rows.append([label, f"{plain_median:.3f}", f"{calibrate_median:.3f}", f"{ratio(calibrate_median, plain_median):.2f}x"])
+
+    plain_median = statistics.median(speed.plain_end_to_end)
+    oneshot = [row.calibrate_seconds for row in results.grid if row.calibrate_seconds is not None]
+    if oneshot:
+        seconds = statistics.median(oneshot)
+        label = f"calibrate pass, statistics=oneshot (median of {len(oneshot)} grid reports)"
+        rows.append([label, f"{plain_median:.3f}", f"{seconds:.3f}", f"{ratio(seconds, plain_median):.2f}x"])
+    for row in results.defaults:
+        seconds = row.calibrate_seconds or 0.0
+        label = f"calibrate pass, statistics={row.point.statistics} (one report, {row.point.label})"
+        rows.append([label, f"{plain_median:.3f}", f"{seconds:.3f}", f"{ratio(seconds, plain_median):.2f}x"])
     return markdown_table(["measurement", "plain inference (s)", "calibration (s)", "calibration / plain"], rows)
 
 
@@ -837,20 +876,21 @@ def latency_table(latency: Sequence[LatencyResult], dense: DenseResult) -> str:
 THREAD_LABELS = {"default": "ORT's default intra-op threads", "1": "one intra-op thread"}
 
 
-def accuracy_bullets(
-    rows: Sequence[AccuracyRow], folded_rows: Sequence[AccuracyRow], settings: Settings, dense: DenseResult, depth: int
-) -> list[str]:
+def accuracy_bullets(results: AccuracyResults, settings: Settings, dense: DenseResult, depth: int) -> list[str]:
+    rows = results.grid
     lookup = {(row.point.selector, row.point.compensation, row.point.sparsity): row.accuracy for row in rows}
     bullets = []
     for sparsity in settings.sparsities:
         gains = {selector: lookup[(selector, "ridge", sparsity)] - lookup[(selector, "none", sparsity)] for selector in settings.selectors}
-        best = max((row for row in rows if row.point.sparsity == sparsity), key=lambda row: row.accuracy)
+        at_sparsity = [row for row in rows if row.point.sparsity == sparsity]
+        best_accuracy = max(round(row.accuracy, 2) for row in at_sparsity)
+        best = [row.point for row in at_sparsity if round(row.accuracy, 2) == best_accuracy]
+        best_text = " and ".join(f"{point.selector} with {point.compensation} compensation" for point in best)
         gain_text = ", ".join(f"{selector} {gain:+.2f}" for selector, gain in gains.items())
         bullets.append(
             f"At {percent_label(sparsity)} sparsity, ridge compensation changes top-1 accuracy against plain slicing "
-            f"by {gain_text} points. The most accurate configuration is {best.point.selector} with "
-            f"{best.point.compensation} compensation at {best.accuracy:.2f}% ({best.accuracy - dense.accuracy:+.2f} "
-            "points from dense)."
+            f"by {gain_text} points. The most accurate {'configurations are' if len(best) > 1 else 'configuration is'} "
+            f"{best_text} at {best_accuracy:.2f}% ({best_accuracy - dense.accuracy:+.2f} points from dense)."
         )
 
     losses = [row.point for row in rows if row.point.compensation == "ridge" and row.accuracy < lookup[(row.point.selector, "none", row.point.sparsity)]]
@@ -860,7 +900,7 @@ def accuracy_bullets(
     else:
         bullets.append("Ridge compensation raises accuracy for every selector at every sparsity measured.")
 
-    references = [] if settings.quick else reference_rows([*rows, *folded_rows], REFERENCE_ACCURACY.get(depth, {}))
+    references = [] if settings.quick else reference_rows([*rows, *results.folded], REFERENCE_ACCURACY.get(depth, {}))
     if references:
         close = [row for row in references if abs(float(row[3])) <= REFERENCE_TOLERANCE]
         far = [f"{row[0]} ({row[3]})" for row in references if abs(float(row[3])) > REFERENCE_TOLERANCE]
@@ -868,7 +908,35 @@ def accuracy_bullets(
         if far:
             text += f" Larger differences: {', '.join(far)}."
         bullets.append(text)
+
+    oneshot = {(row.point.selector, row.point.compensation, row.point.sparsity): row for row in rows}
+    for row in results.defaults:
+        point = row.point
+        baseline = oneshot[(point.selector, point.compensation, point.sparsity)]
+        bullets.append(
+            f"grail-opt's default settings ({point.statistics} statistics, affine) reach {row.accuracy:.2f}% for "
+            f"{point.selector} at {percent_label(point.sparsity)} sparsity, {row.accuracy - baseline.accuracy:+.2f} "
+            f"points from the one-shot closed form, and their calibrate pass takes "
+            f"{ratio(row.calibrate_seconds or 0.0, baseline.calibrate_seconds or 0.0):.0f}x as long."
+        )
     return bullets
+
+
+def thread_setting_bullets(latency: Sequence[LatencyResult]) -> list[str]:
+    """Point out where ORT's default threads ran the original model over twice as slow as one thread did."""
+    one_thread = {entry.sparsity: entry for entry in latency if entry.threads == "1"}
+    slowed = []
+    for entry in latency:
+        single = one_thread.get(entry.sparsity)
+        if entry.threads == "default" and single is not None and entry.batch1_ms[0] > 2 * single.batch1_ms[0]:
+            slowed.append(f"{entry.batch1_ms[0]:.2f} against {single.batch1_ms[0]:.2f} ms at {percent_label(entry.sparsity)}")
+    if not slowed:
+        return []
+    return [
+        "With ORT's default threads the original model's batch-1 median is more than twice its one-thread median "
+        f"({'; '.join(slowed)}). A second thread that slows a run this much points to contention with the other "
+        "load on the machine, so the one-thread rows are the steadier comparison in this run."
+    ]
 
 
 def speed_bullets(speed: SpeedResults, dense: DenseResult, rows: Sequence[AccuracyRow]) -> list[str]:
@@ -894,6 +962,7 @@ def speed_bullets(speed: SpeedResults, dense: DenseResult, rows: Sequence[Accura
             f"has {entry.macs / dense.macs:.2f}x the MACs, {ratio(after_1, before_1):.2f}x the batch-1 latency and "
             f"{ratio(before_64, after_64):.2f}x the batch-{BATCH_SIZE} throughput of the original."
         )
+    bullets += thread_setting_bullets(speed.latency)
     slower = sorted({entry.sparsity for entry in speed.latency if entry.batch1_ms[1] > entry.batch1_ms[0]})
     for sparsity in slower:
         widths = next(row.kept_widths for row in rows if row.point.sparsity == sparsity)
@@ -989,8 +1058,8 @@ def setup_section(info: RunInfo, dense: DenseResult, test_size: int) -> list[str
         f"- Calibration: the 512 calibration images of the protocol split. Evaluation: {test_size:,} labelled test "
         "images of the same split (`tools/cifar10.py`), top-1 accuracy in ONNX Runtime.",
         f"- Each cell is one `compress_file` call with the pipeline text of `default_pipeline` (alpha = {ALPHA:g}, "
-        f"batch size {BATCH_SIZE}), for example `{example_pipeline()}`. That is what "
-        "`grail-opt --calib calib.npz --eval test.npz --no-validate` runs. The test file is passed because "
+        f"batch size {BATCH_SIZE}, one-shot statistics, no affine term), for example `{example_pipeline()}`. That "
+        "is what `grail-opt --calib calib.npz --eval test.npz --statistics oneshot --no-affine --no-validate` runs. The test file is passed because "
         "without it `compress_file` holds out the last 64 calibration images. The validate pass is left out "
         "because it evaluates the dense model again for every cell. Each compressed model is scored with the same "
         "metric function against dense logits computed once.",
@@ -999,9 +1068,46 @@ def setup_section(info: RunInfo, dense: DenseResult, test_size: int) -> list[str
     ]
 
 
-def accuracy_section(
-    info: RunInfo, dense: DenseResult, rows: Sequence[AccuracyRow], folded_rows: Sequence[AccuracyRow]
-) -> list[str]:
+def defaults_section(results: AccuracyResults) -> list[str]:
+    if not results.defaults:
+        return []
+    oneshot = {(row.point.selector, row.point.compensation, row.point.sparsity): row for row in results.grid}
+    table = []
+    for row in results.defaults:
+        point = row.point
+        baseline = oneshot[(point.selector, point.compensation, point.sparsity)]
+        table.append(
+            [
+                f"{point.selector}, {point.compensation}, {percent_label(point.sparsity)}",
+                f"{baseline.accuracy:.2f}",
+                f"{row.accuracy:.2f}",
+                f"{row.accuracy - baseline.accuracy:+.2f}",
+                f"{baseline.calibrate_seconds:.1f} / {row.calibrate_seconds:.1f}",
+            ]
+        )
+    headers = [
+        "selector, compensation, sparsity",
+        "oneshot (%)",
+        f"{results.defaults[0].point.statistics} + affine (%)",
+        "difference",
+        "calibrate pass (s), oneshot / default",
+    ]
+    return [
+        "### grail-opt's default statistics",
+        "",
+        "The grid above uses the GRAIL closed form: Grams of the original model (`statistics=oneshot`) and no "
+        "constant term (`affine=false`). grail-opt's defaults are "
+        f"`statistics={results.defaults[0].point.statistics}` and `affine=true`, which calibrate group by group on "
+        "the partly compressed model and also fit a constant into the consumer bias. Calibrate pass times come "
+        "from the `compress_file` reports of this run.",
+        "",
+        markdown_table(headers, table),
+        "",
+    ]
+
+
+def accuracy_section(info: RunInfo, dense: DenseResult, results: AccuracyResults) -> list[str]:
+    rows = results.grid
     sparsities = info.settings.sparsities
     expected = EXPECTED_DENSE_ACCURACY.get(info.depth)
     expected_text = f" (expected {expected:.2f}% on all 9,488 test images)" if expected is not None else ""
@@ -1019,7 +1125,8 @@ def accuracy_section(
         compensation_gain_table(rows, sparsities),
         "",
     ]
-    table = reference_rows([*rows, *folded_rows], REFERENCE_ACCURACY.get(info.depth, {}))
+    lines += defaults_section(results)
+    table = reference_rows([*rows, *results.folded], REFERENCE_ACCURACY.get(info.depth, {}))
     if table and not info.settings.quick:
         lines += [
             "### Against the reference figures",
@@ -1045,7 +1152,7 @@ def accuracy_section(
     return lines
 
 
-def speed_section(info: RunInfo, dense: DenseResult, speed: SpeedResults) -> list[str]:
+def speed_section(info: RunInfo, dense: DenseResult, speed: SpeedResults, results: AccuracyResults) -> list[str]:
     settings = info.settings
     shapes = ", ".join(f"{count} x ({rows}, {width})" for rows, width, count in speed.numpy_shapes)
     return [
@@ -1055,7 +1162,7 @@ def speed_section(info: RunInfo, dense: DenseResult, speed: SpeedResults) -> lis
         "",
         f"Medians over {plural(settings.timing_repeats, 'interleaved repeat')}.",
         "",
-        calibration_table(speed),
+        calibration_table(speed, results),
         "",
         "### Gram products",
         "",
@@ -1064,7 +1171,9 @@ def speed_section(info: RunInfo, dense: DenseResult, speed: SpeedResults) -> lis
         "kernel times of the Gram MatMuls in profiled passes. numpy computes X^T X in float32 for the same "
         f"(rows, H) shapes and counts: {shapes}. Each figure is the median over "
         f"{plural(speed.profiled_passes, 'repeat')}, and each repeat runs the ORT passes and the numpy products "
-        "one after the other.",
+        "one after the other. The second ORT row divides the same FLOPs by the unprofiled loop-time difference "
+        "from the table above, which also covers the transposes and per-channel sums. The two ORT rows come from "
+        "different runs, with and without profiling, so they can disagree by more than the sums' cost.",
         "",
         gram_table(speed),
         "",
@@ -1089,23 +1198,16 @@ def speed_section(info: RunInfo, dense: DenseResult, speed: SpeedResults) -> lis
     ]
 
 
-def format_report(
-    info: RunInfo,
-    dense: DenseResult,
-    rows: Sequence[AccuracyRow],
-    folded_rows: Sequence[AccuracyRow],
-    speed: SpeedResults,
-    test_size: int,
-) -> str:
+def format_report(info: RunInfo, dense: DenseResult, results: AccuracyResults, speed: SpeedResults, test_size: int) -> str:
     lines = [
         *header_section(info, test_size),
         *setup_section(info, dense, test_size),
-        *accuracy_section(info, dense, rows, folded_rows),
-        *speed_section(info, dense, speed),
+        *accuracy_section(info, dense, results),
+        *speed_section(info, dense, speed, results),
         "## Reading",
         "",
-        *(f"- {bullet}" for bullet in accuracy_bullets(rows, folded_rows, info.settings, dense, info.depth)),
-        *(f"- {bullet}" for bullet in speed_bullets(speed, dense, rows)),
+        *(f"- {bullet}" for bullet in accuracy_bullets(results, info.settings, dense, info.depth)),
+        *(f"- {bullet}" for bullet in speed_bullets(speed, dense, results.grid)),
         f"- {load_note(info)}",
         "",
     ]
@@ -1113,7 +1215,16 @@ def format_report(
 
 
 def example_pipeline() -> str:
-    return default_pipeline(sparsity=0.5, selector="wanda", compensation="ridge", alpha=ALPHA, batch_size=BATCH_SIZE, validate=False)
+    return default_pipeline(
+        sparsity=0.5,
+        selector="wanda",
+        compensation="ridge",
+        alpha=ALPHA,
+        statistics="oneshot",
+        affine=False,
+        batch_size=BATCH_SIZE,
+        validate=False,
+    )
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -1170,6 +1281,9 @@ def run_benchmark(args: argparse.Namespace, work_dir: Path) -> str:
     folded_rows = run_accuracy_grid(
         settings.folded_points, inputs, work_dir / "compressed", test, dense, args.device, len(calibration)
     )
+    default_rows = run_accuracy_grid(
+        settings.default_points, inputs, work_dir / "compressed", test, dense, args.device, len(calibration)
+    )
     info.section_seconds["accuracy grid"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -1181,7 +1295,7 @@ def run_benchmark(args: argparse.Namespace, work_dir: Path) -> str:
     speed.latency = measure_compressed_latency(inputs, rows, test, args.device, settings)
     info.section_seconds["speed"] = time.perf_counter() - start
     info.load_after = load_average()
-    return format_report(info, dense, rows, folded_rows, speed, len(test))
+    return format_report(info, dense, AccuracyResults(rows, folded_rows, default_rows), speed, len(test))
 
 
 def build_parser() -> argparse.ArgumentParser:

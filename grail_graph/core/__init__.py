@@ -17,7 +17,7 @@ from .allocation import (
     flap_scores,
 )
 from .cross import CrossAccumulator, affine_cross_map, cross_map
-from .folding import cluster_channels, fold_features, fold_producer
+from .folding import cluster_channels, fold_features, fold_linear_chain, fold_producer
 from .gram import GramAccumulator
 from .selectors import (
     SELECTORS,
@@ -60,6 +60,7 @@ __all__ = [
     "error_curve",
     "flap_scores",
     "fold_features",
+    "fold_linear_chain",
     "fold_map",
     "fold_producer",
     "gram_greedy_select",

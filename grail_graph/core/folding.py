@@ -216,3 +216,50 @@ def fold_producer(weight: np.ndarray, r: np.ndarray) -> np.ndarray:
     rows = weight.astype(np.float64).reshape(weight.shape[0], -1)
     folded = r @ rows
     return folded.reshape((r.shape[0],) + weight.shape[1:]).astype(weight.dtype)
+
+
+def fold_linear_chain(
+    r: np.ndarray,
+    producers: Sequence[np.ndarray],
+    biases: Sequence[np.ndarray | None],
+    batchnorm: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+    eps: float = 1e-5,
+) -> tuple[list[np.ndarray], list[np.ndarray | None], tuple[np.ndarray, ...] | None]:
+    """Merge the channels of producer -> [BatchNorm] pre-activations with averaging matrix r.
+
+    Folding replaces each cluster's pre-activations p_h by their average sum_h r[c, h] p_h,
+    the approximation folding makes (the activation of an average is not the average of
+    activations). A BatchNorm p = a (z - mean) + beta with a = scale / sqrt(var + eps) is
+    linear, so it is folded into the producers first: rows become r (a W), biases r (a b),
+    and the merged BatchNorm is the identity except for its bias r (beta - a mean).
+
+    producers: canonical (H, ...) weights; biases: (H,) or None per producer (a bias of
+    shape (H, 1) also works); batchnorm: (scale, bias, mean, var), each (H,).
+    Returns the merged producers (K, ...), biases and BatchNorm tensors (K,), in the
+    input dtypes.
+    """
+    r = np.asarray(r, dtype=np.float64)
+    width = r.shape[1]
+    if batchnorm is None:
+        factor = np.ones(width)
+    else:
+        scale, shift, mean, var = (np.asarray(t, dtype=np.float64).reshape(width) for t in batchnorm)
+        factor = scale / np.sqrt(var + eps)
+    merged_producers = []
+    for weight in producers:
+        scaled = weight.astype(np.float64) * factor.reshape((width,) + (1,) * (weight.ndim - 1))
+        merged_producers.append(fold_producer(scaled, r).astype(weight.dtype))
+    merged_biases: list[np.ndarray | None] = []
+    for bias in biases:
+        if bias is None:
+            merged_biases.append(None)
+            continue
+        scaled = bias.astype(np.float64) * factor.reshape((width,) + (1,) * (bias.ndim - 1))
+        merged_biases.append(fold_producer(scaled, r).astype(bias.dtype))
+    if batchnorm is None:
+        return merged_producers, merged_biases, None
+    k = r.shape[0]
+    dtype = np.asarray(batchnorm[0]).dtype
+    merged_shift = fold_producer(shift - factor * mean, r)
+    merged = (np.ones(k, dtype), merged_shift.astype(dtype), np.zeros(k, dtype), np.full(k, 1.0 - eps, dtype))
+    return merged_producers, merged_biases, merged

@@ -90,6 +90,10 @@ class FxFrontEnd:
     def producer_weights(self, group: ChannelGroup) -> list[np.ndarray]:
         return [np.moveaxis(to_numpy(get_tensor(self.model, r.node)), r.axis, 0) for r in group.producers]
 
+    def narrowed_tensor(self, group: ChannelGroup, ref) -> np.ndarray:
+        """Return a narrowed tensor with its hidden axis first."""
+        return np.moveaxis(to_numpy(get_tensor(self.model, ref.node)), ref.axis, 0)
+
     def consumer_weights(self, group: ChannelGroup) -> list[np.ndarray]:
         return [np.moveaxis(to_numpy(get_tensor(self.model, r.node)), r.axis, 1) for r in group.consumers]
 

@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from grail_graph.fx_frontend import ops
-from grail_graph.groups import ChannelGroup, Declined, WeightRef
+from grail_graph.groups import BIAS, BN_ROLES, CONSTANT, DEPTHWISE, ChannelGroup, Declined, WeightRef
 
 
 class Decline(Exception):
@@ -83,7 +83,7 @@ class FxGroupMatcher:
         self._check_single_call(node)
         region.producers[linear.module] = linear
         if linear.bias is not None:
-            region.narrowed[linear.bias] = WeightRef(linear.bias, 0, 0)
+            region.narrowed[linear.bias] = WeightRef(linear.bias, 0, 0, BIAS)
         self._add_value(region, node)
 
     def _add_value(self, region: _Region, node: fx.Node) -> None:
@@ -109,7 +109,7 @@ class FxGroupMatcher:
             self._add_linear_user(region, value, user, linear)
         elif (tensors := ops.batchnorm_tensors(self.gm, user)) is not None and first and not region.channels_last:
             for name in tensors:
-                region.narrowed[name] = WeightRef(name, 0, 0)
+                region.narrowed[name] = WeightRef(name, 0, 0, _batchnorm_role(name))
             self._add_value(region, user)
         elif ops.is_pooling(self.gm, user) and first and not region.channels_last:
             self._add_value(region, user)
@@ -125,9 +125,9 @@ class FxGroupMatcher:
     def _add_linear_user(self, region: _Region, value: fx.Node, user: fx.Node, linear: ops.LinearOp) -> None:
         if linear.depthwise and linear.width == region.width and not region.channels_last:
             self._check_single_call(user)
-            region.narrowed[linear.weight] = WeightRef(linear.weight, 0, 0)
+            region.narrowed[linear.weight] = WeightRef(linear.weight, 0, 0, DEPTHWISE)
             if linear.bias is not None:
-                region.narrowed[linear.bias] = WeightRef(linear.bias, 0, 0)
+                region.narrowed[linear.bias] = WeightRef(linear.bias, 0, 0, DEPTHWISE)
             region.width_attributes.add((linear.module, "groups"))
             self._add_value(region, user)
             return
@@ -166,7 +166,7 @@ class FxGroupMatcher:
             return
         tensors = ops.batchnorm_tensors(self.gm, node)
         for name in tensors or ():
-            region.narrowed[name] = WeightRef(name, 0, 0)
+            region.narrowed[name] = WeightRef(name, 0, 0, _batchnorm_role(name))
         channel_wise = ops.is_elementwise(self.gm, node) or ops.is_binary(node) or tensors is not None
         inputs = [arg for arg in node.args if isinstance(arg, fx.Node) and arg.op != "get_attr"]
         if tensors is not None:
@@ -188,7 +188,7 @@ class FxGroupMatcher:
             return
         if size != region.width:
             raise Decline(f"constant `{constant.target}` of {ops.describe(self.gm, user)} has {size} entries on the hidden axis")
-        region.narrowed[constant.target] = WeightRef(constant.target, 0, tensor.ndim - from_end)
+        region.narrowed[constant.target] = WeightRef(constant.target, 0, tensor.ndim - from_end, CONSTANT)
 
     # Result ---------------------------------------------------------------------------
 
@@ -209,6 +209,11 @@ class FxGroupMatcher:
             width_attributes=tuple(sorted(region.width_attributes)),
             values=tuple(region.values),
         )
+
+
+def _batchnorm_role(name: str) -> str:
+    suffix = name.rpartition(".")[2]
+    return dict(zip(("weight", "bias", "running_mean", "running_var"), BN_ROLES))[suffix]
 
 
 def find_groups(gm: fx.GraphModule, model: torch.nn.Module | None = None) -> tuple[list[ChannelGroup], list[Declined]]:

@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from grail_graph.core import absorb, bias_correction
+from grail_graph.core import absorb, bias_correction, fold_linear_chain
 from grail_graph.errors import GrailError
 from grail_graph.frontend import GroupPlan
-from grail_graph.groups import WeightRef
+from grail_graph.groups import BIAS, BN_ROLES, WeightRef
 
 
 def get_tensor(model: nn.Module, name: str) -> torch.Tensor:
@@ -74,6 +74,47 @@ def _add_bias(model: nn.Module, weight_name: str, delta: np.ndarray) -> None:
     set_tensor(model, f"{owner_name}.bias", bias.detach() + delta_tensor)
 
 
+def _hidden_first(model: nn.Module, ref: WeightRef) -> np.ndarray:
+    return np.moveaxis(to_numpy(get_tensor(model, ref.node)), ref.axis, 0)
+
+
+def _store(model: nn.Module, ref: WeightRef, hidden_first: np.ndarray) -> None:
+    set_tensor(model, ref.node, torch.from_numpy(np.ascontiguousarray(np.moveaxis(hidden_first, 0, ref.axis))))
+
+
+def _producer_biases(model: nn.Module, group) -> dict[str, WeightRef]:
+    """Map each producer weight to its bias, including biases added after matching."""
+    biases = {}
+    for ref in group.producers:
+        owner = ref.node.rpartition(".")[0]
+        if getattr(model.get_submodule(owner), "bias", None) is not None:
+            biases[ref.node] = WeightRef(f"{owner}.bias", 0, 0, BIAS)
+    return biases
+
+
+def _fold_producers(model: nn.Module, plan: GroupPlan) -> set[str]:
+    """Merge producer rows, their biases and one BatchNorm with the averaging matrix."""
+    group = plan.group
+    biases = _producer_biases(model, group)
+    batchnorm = [ref for role in BN_ROLES for ref in group.narrowed if ref.role == role]
+    eps = getattr(model.get_submodule(batchnorm[0].node.rpartition(".")[0]), "eps", 1e-5) if batchnorm else 1e-5
+    producers, new_biases, new_batchnorm = fold_linear_chain(
+        plan.producer_map,
+        [_hidden_first(model, ref) for ref in group.producers],
+        [_hidden_first(model, biases[ref.node]) if ref.node in biases else None for ref in group.producers],
+        tuple(_hidden_first(model, ref) for ref in batchnorm) if batchnorm else None,
+        eps,
+    )
+    for ref, weight, bias in zip(group.producers, producers, new_biases):
+        _store(model, ref, weight)
+        if bias is not None:
+            _store(model, biases[ref.node], bias)
+    for ref, tensor in zip(batchnorm, new_batchnorm or ()):
+        _store(model, ref, tensor)
+    refs = [*group.producers, *biases.values(), *batchnorm]
+    return {ref.node.rpartition(".")[0] for ref in refs}
+
+
 def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> None:
     """Narrow producers, absorb each plan's map into its consumers, update module widths."""
     touched: set[str] = set()
@@ -81,6 +122,8 @@ def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> None:
         for plan in plans:
             keep = torch.as_tensor(np.asarray(plan.keep), dtype=torch.long)
             group = plan.group
+            if plan.producer_map is not None:
+                touched |= _fold_producers(model, plan)
             names = {ref.node for ref in (*group.producers, *group.narrowed)}
             # A bias added by affine compensation after matching is not in the record.
             late_biases = [
@@ -88,7 +131,8 @@ def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> None:
                 for owner in (ref.node.rpartition(".")[0] for ref in group.producers)
                 if getattr(model.get_submodule(owner), "bias", None) is not None and f"{owner}.bias" not in names
             ]
-            for ref in (*group.producers, *group.narrowed, *late_biases):
+            narrowing = [] if plan.producer_map is not None else [*group.producers, *group.narrowed, *late_biases]
+            for ref in narrowing:
                 tensor = get_tensor(model, ref.node)
                 set_tensor(model, ref.node, tensor.index_select(ref.axis, keep.to(tensor.device)))
                 touched.add(ref.node.rpartition(".")[0])

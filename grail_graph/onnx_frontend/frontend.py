@@ -77,6 +77,10 @@ class OnnxFrontEnd:
     def producer_weights(self, group: ChannelGroup) -> list[np.ndarray]:
         return [to_canonical_producer(self._weight(r.node, r.input), r.axis) for r in group.producers]
 
+    def narrowed_tensor(self, group: ChannelGroup, ref: WeightRef) -> np.ndarray:
+        """Return a narrowed tensor with its hidden axis first."""
+        return np.moveaxis(self._weight(ref.node, ref.input), ref.axis, 0)
+
     def consumer_weights(self, group: ChannelGroup) -> list[np.ndarray]:
         return [to_canonical_consumer(self._weight(r.node, r.input), r.axis) for r in group.consumers]
 

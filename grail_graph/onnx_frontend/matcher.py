@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from grail_graph.groups import ChannelGroup, Declined, WeightRef
+from grail_graph.groups import BIAS, BN_ROLES, CONSTANT, DEPTHWISE, ChannelGroup, Declined, WeightRef
 
 # Ops applied to each element independently: they keep every channel where it is.
 ELEMENTWISE_UNARY = frozenset(
@@ -202,9 +202,9 @@ class GroupMatcher:
             self._add_consumer(region, value, node)
         elif op == "Conv" and index == 0 and _is_depthwise(node, region.width) and not region.channels_last:
             region.channel_ops.add(node.name)
-            region.narrowed[(node.name, 1)] = WeightRef(node.name, 1, 0)
+            region.narrowed[(node.name, 1)] = WeightRef(node.name, 1, 0, DEPTHWISE)
             if len(node.inputs) > 2 and node.inputs[2] is not None:
-                region.narrowed[(node.name, 2)] = WeightRef(node.name, 2, 0)
+                region.narrowed[(node.name, 2)] = WeightRef(node.name, 2, 0, DEPTHWISE)
             region.width_attributes.add((node.name, "group"))
             self._add_value(region, node.outputs[0])
         elif op in POOLING and not region.channels_last and not node.outputs[1:]:
@@ -296,13 +296,14 @@ class GroupMatcher:
         if array is None:
             raise Decline(f"input {index} of `{node.name}` ({node.op_type}) is not a constant")
         if exact_vector or node.op_type in ("Conv", "Gemm") and index == 2:
+            role = BN_ROLES[index - 1] if node.op_type == "BatchNormalization" else BIAS
             if array.ndim == 1 and array.shape[0] == region.width:
-                region.narrowed[(node.name, index)] = WeightRef(node.name, index, 0)
+                region.narrowed[(node.name, index)] = WeightRef(node.name, index, 0, role)
                 return
             if node.op_type == "Gemm" and array.size == 1:
                 return
             if node.op_type == "Gemm" and array.ndim == 2 and array.shape == (1, region.width):
-                region.narrowed[(node.name, index)] = WeightRef(node.name, index, 1)
+                region.narrowed[(node.name, index)] = WeightRef(node.name, index, 1, role)
                 return
             raise Decline(f"input {index} of `{node.name}` has shape {array.shape}, not ({region.width},)")
         from_end = self._hidden_axis_from_end(region)
@@ -315,7 +316,7 @@ class GroupMatcher:
             return
         if size != region.width:
             raise Decline(f"constant input {index} of `{node.name}` has {size} entries on the hidden axis")
-        region.narrowed[(node.name, index)] = WeightRef(node.name, index, array.ndim - from_end)
+        region.narrowed[(node.name, index)] = WeightRef(node.name, index, array.ndim - from_end, CONSTANT)
 
     def _check_scalar_inputs(self, node: ir.Node, skip: int) -> None:
         for index, value in enumerate(node.inputs):

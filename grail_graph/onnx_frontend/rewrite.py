@@ -6,9 +6,9 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from grail_graph.core import absorb, bias_correction
+from grail_graph.core import absorb, bias_correction, fold_linear_chain
 from grail_graph.frontend import GroupPlan
-from grail_graph.groups import WeightRef
+from grail_graph.groups import BIAS, BN_ROLES, WeightRef
 from grail_graph.onnx_frontend.matcher import constant_array
 
 
@@ -48,23 +48,63 @@ class GraphRewriter:
     def _apply_plan(self, plan: GroupPlan) -> None:
         group = plan.group
         keep = np.asarray(plan.keep, dtype=np.int64)
+        if plan.producer_map is not None:
+            self._fold_producers(plan)
+        else:
+            self._narrow_producers(plan, keep)
+        self._compensate_consumers(plan)
+        for node_name, attribute in group.width_attributes:
+            self.nodes[node_name].attributes[attribute] = ir.AttrInt64(attribute, len(keep))
+        for name in group.values:
+            # Stale shapes would contradict the new widths; shape inference refills them.
+            self.values[name].shape = None
+
+    def _tensor(self, ref: WeightRef) -> np.ndarray:
+        return np.moveaxis(constant_array(self.nodes[ref.node].inputs[ref.input]), ref.axis, 0)
+
+    def _store(self, ref: WeightRef, hidden_first: np.ndarray) -> None:
+        self._set_constant(self.nodes[ref.node], ref.input, np.moveaxis(hidden_first, 0, ref.axis))
+
+    def _fold_producers(self, plan: GroupPlan) -> None:
+        """Merge producer rows, their biases and one BatchNorm with the averaging matrix."""
+        group = plan.group
+        biases = {ref.node: ref for ref in group.narrowed if ref.role == BIAS}
+        biases.update({ref.node: self.added_biases[ref.node] for ref in group.producers if ref.node in self.added_biases})
+        batchnorm = sorted((ref for ref in group.narrowed if ref.role in BN_ROLES), key=lambda ref: ref.input)
+        eps = 1e-5
+        if batchnorm:
+            attribute = self.nodes[batchnorm[0].node].attributes.get("epsilon")
+            eps = 1e-5 if attribute is None else attribute.value
+        producers, new_biases, new_batchnorm = fold_linear_chain(
+            plan.producer_map,
+            [self._tensor(ref) for ref in group.producers],
+            [self._tensor(biases[ref.node]) if ref.node in biases else None for ref in group.producers],
+            tuple(self._tensor(ref) for ref in batchnorm) if batchnorm else None,
+            eps,
+        )
+        for ref, weight, bias in zip(group.producers, producers, new_biases):
+            self._store(ref, weight)
+            if bias is not None:
+                self._store(biases[ref.node], bias)
+        for ref, tensor in zip(batchnorm, new_batchnorm or ()):
+            self._store(ref, tensor)
+
+    def _narrow_producers(self, plan: GroupPlan, keep: np.ndarray) -> None:
+        group = plan.group
         late = [self.added_biases[ref.node] for ref in group.producers if ref.node in self.added_biases]
         for ref in (*group.producers, *group.narrowed, *late):
             node = self.nodes[ref.node]
             weight = constant_array(node.inputs[ref.input])
             self._set_constant(node, ref.input, np.take(weight, keep, axis=ref.axis))
-        for ref in group.consumers:
+
+    def _compensate_consumers(self, plan: GroupPlan) -> None:
+        for ref in plan.group.consumers:
             node = self.nodes[ref.node]
             weight = to_canonical_consumer(constant_array(node.inputs[ref.input]), ref.axis)
             if plan.consumer_bias is not None:
                 self._add_bias(node, bias_correction(weight, plan.consumer_bias).astype(weight.dtype))
             compensated = absorb(weight, plan.consumer_map)
             self._set_constant(node, ref.input, from_canonical_consumer(compensated, ref.axis))
-        for node_name, attribute in group.width_attributes:
-            self.nodes[node_name].attributes[attribute] = ir.AttrInt64(attribute, len(keep))
-        for name in group.values:
-            # Stale shapes would contradict the new widths; shape inference refills them.
-            self.values[name].shape = None
 
     def _add_bias(self, node: ir.Node, delta: np.ndarray) -> None:
         """Add `delta` (O,) to a consumer's output: its bias input, or a new Add after a MatMul."""
