@@ -211,6 +211,9 @@ def run(args: argparse.Namespace) -> int:
         write_json(args.report, reports[0] if single else {"models": reports})
     if not single:
         print(format_batch_table(reports))
+    for report in reports:
+        if "error" in report and not single:
+            print(f"grail-opt: error: {report['model']}: {report['error']}", file=sys.stderr)
     return EXIT_SOME_FAILED if any("error" in report for report in reports) else 0
 
 

@@ -573,3 +573,13 @@ def test_console_script_compresses(tiny_job: tuple[Path, Path, Path]) -> None:
     assert result.stderr == ""
     assert f"{model} -> {output}" in result.stdout
     assert parameter_count(output) < parameter_count(model)
+
+
+def test_empty_model_file_is_invalid(tmp_path, capsys):
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+
+    code = main([str(empty), "--calib", str(tmp_path / "x.npy"), "-o", str(tmp_path / "out.onnx")])
+
+    assert code == 2
+    assert "is not a valid ONNX model" in capsys.readouterr().err

@@ -466,3 +466,18 @@ def test_save_refuses_source_path(tmp_path):
 
     assert path.read_bytes() == before
     assert [entry.name for entry in tmp_path.iterdir()] == ["model.onnx"]
+
+
+def test_save_refuses_source_external_data(tmp_path):
+    """An output path on the source's external data file would corrupt the source's weights."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    onnx.save_model(
+        conv_bn_relu_conv(), str(folder / "m.onnx"), save_as_external_data=True,
+        all_tensors_to_one_file=True, location="w.data", size_threshold=0,
+    )  # fmt: skip
+    before = (folder / "w.data").read_bytes()
+
+    with pytest.raises(GrailError, match="is an input file"):
+        OnnxFrontEnd.load(folder / "m.onnx").save(folder / "w.data")
+    assert (folder / "w.data").read_bytes() == before

@@ -20,6 +20,7 @@ from grail_graph.groups import ChannelGroup, Declined, WeightRef
 from grail_graph.onnx_frontend import calibration, matcher
 from grail_graph.onnx_frontend.model_io import (
     PROTOBUF_LIMIT_BYTES,
+    external_data_files,
     load_model,
     model_size_bytes,
     save_model,
@@ -137,6 +138,6 @@ class OnnxFrontEnd:
         self.model.metadata_props[key] = value
 
     def save(self, path: str | os.PathLike) -> list[Path]:
-        guard = (self.source,) if self.source is not None else ()
+        guard = () if self.source is None else (self.source, *external_data_files(self.source))
         return save_model(self.model, path, overwrite_guard=guard)
 

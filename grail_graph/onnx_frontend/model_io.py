@@ -23,14 +23,29 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     path = Path(path)
     if not path.is_file():
         raise GrailError(f"model file {str(path)!r} not found", "Check the path.")
+    invalid = f"model file {str(path)!r} is not a valid ONNX model"
+    fix = "Pass an .onnx file written by an ONNX exporter."
     try:
         model = ir.load(path)
     except Exception as error:  # protobuf raises several unrelated types on bad bytes
-        raise UnsupportedModelError(
-            f"model file {str(path)!r} is not a valid ONNX model ({type(error).__name__}: {error})",
-            "Pass an .onnx file written by an ONNX exporter.",
-        ) from error
+        raise UnsupportedModelError(f"{invalid} ({type(error).__name__}: {error})", fix) from error
+    # Protobuf parses an empty file (and some other junk) as an empty model.
+    if len(model.graph) == 0 or not model.graph.outputs:
+        raise UnsupportedModelError(f"{invalid} (it has no nodes or no outputs)", fix)
     return model
+
+
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """Return the external data files that the model at `path` reads its weights from."""
+    path = Path(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in proto.graph.initializer
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [path.parent / location for location in sorted(locations)]
 
 
 def model_size_bytes(model: ir.Model) -> int:
