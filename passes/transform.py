@@ -97,7 +97,7 @@ class Calibrate(Pass):
                 state.stats.update(stats)
                 if self.options.statistics == "cross":
                     state.crosses.update(crosses)
-        return PassResult(False, {"samples": len(data), "groups": len(groups)})
+        return PassResult(False, {"samples": len(data), "groups": len(state.stats), "statistics": self.options.statistics})
 
 
 @dataclass(frozen=True)
