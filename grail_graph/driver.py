@@ -89,12 +89,14 @@ class JobOptions:
 
 
 def _load_data(options: JobOptions, specs: list[InputSpec]) -> tuple[Dataset | None, Dataset | None, str]:
+    """Load calibration and evaluation data; hold out calibration samples only for validate."""
+    validates = any(instance.name == "validate" for instance in parse_pipeline(options.pipeline))
     calibration = None if options.calib is None else load_dataset(options.calib, specs, options.images, "calibration")
     if options.eval is not None:
         evaluation = load_dataset(options.eval, specs, options.images, "evaluation")
         return calibration, evaluation, f"{len(evaluation)} samples from {options.eval}"
-    if calibration is None:
-        return None, None, "none"
+    if calibration is None or not validates:
+        return calibration, None, "none"
     holdout = int(len(calibration) * HOLDOUT_FRACTION)
     if holdout == 0:
         return calibration, None, "none"

@@ -179,11 +179,11 @@ def changed_initializers(before, after) -> list[str]:
     ]
 
 
-def pruned_conv_channels(before, after) -> tuple[int, int]:
-    """Return (kept, total) output channels over the Conv weights that pruning narrowed."""
+def pruned_conv_channels(before, after) -> tuple[int, int, int]:
+    """Return (kept, total) output channels of the Convs that pruning narrowed, and their number."""
     old = {tensor.name: tuple(tensor.dims) for tensor in before.graph.initializer}
     new = {tensor.name: tuple(tensor.dims) for tensor in after.graph.initializer}
-    kept, total = 0, 0
+    kept, total, layers = 0, 0, 0
     for node in after.graph.node:
         if node.op_type != "Conv" or len(node.input) < 2:
             continue
@@ -191,7 +191,8 @@ def pruned_conv_channels(before, after) -> tuple[int, int]:
         if name in old and name in new and new[name][0] < old[name][0]:
             kept += new[name][0]
             total += old[name][0]
-    return kept, total
+            layers += 1
+    return kept, total, layers
 
 
 def onnxsim_model(
@@ -204,7 +205,7 @@ def onnxsim_model(
     """Prune an ONNX model with onnxsim and apply its refit, writing the result to `output`.
 
     `calibration_batches` are {input name: float32 array} dicts. The Wanda ranking and
-    the refit read them; the L2 ranking does not.
+    the refit read them, but the L2 ranking does not.
     """
     import onnx
     import onnxsim
@@ -230,8 +231,8 @@ def onnxsim_model(
     else:
         notes.append("the refit (apply_pruning_finetune) left every weight unchanged")
     pruned_names = changed_initializers(simplified, pruned)
-    kept, total = pruned_conv_channels(simplified, refit)
-    notes.append(f"pruning changed {len(pruned_names)} initializers")
+    kept, total, layers = pruned_conv_channels(simplified, refit)
+    notes.append(f"pruning changed {len(pruned_names)} initializers and narrowed the output channels of {layers} Convs")
 
     output.parent.mkdir(parents=True, exist_ok=True)
     temp_path = temporary_path_for(output)
