@@ -64,10 +64,11 @@ def load_timm(name: str, weights: Path | None = None, random_weights: bool = Fal
         import numpy as np
         import timm
     except ImportError as error:
-        raise GrailError("timm models need the timm package", "Install grail-opt[dev] or `pip install timm`.") from error
+        raise GrailError("timm models need the timm package", "Install grail-opt[torch] (or `pip install timm`).") from error
     if name not in timm.list_models() and name.split(".")[0] not in timm.list_models():
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
-        raise GrailError(f"timm has no model {name!r}", f"Similar names: {', '.join(close) or 'none'}.")
+        suggestion = f"Similar names: {', '.join(close)}." if close else "List the names with timm.list_models()."
+        raise GrailError(f"timm has no model {name!r}", suggestion)
     if weights is not None and not Path(weights).is_file():
         raise GrailError(f"weights file {str(weights)!r} not found", "Check the path given with --weights.")
     try:

@@ -77,11 +77,15 @@ class Allocate(Pass):
         stats = state.stats.get(group.name)
         positions = stats.count / max(samples, 1) if stats is not None else 1.0
         cost = channel_cost(producers, consumers, positions, self.options.budget)
+        # A floor of a tenth of the width keeps a global allocation from emptying a group,
+        # which the error curves of late layers otherwise invite.
+        floor = max(1, round(0.1 * group.width))
         if self.options.method == "flap":
-            return AllocationGroup(group.width, cost, scores=flap_scores(stats.gram, stats.sums, stats.count, consumers))
+            scores = flap_scores(stats.gram, stats.sums, stats.count, consumers)
+            return AllocationGroup(group.width, cost, scores=scores, min_width=floor)
         if self.options.method == "error":
             order = np.argsort(-wanda_scores(stats.gram, consumers), kind="stable")
             curve = error_curve(stats.gram, consumers, order, self.options.alpha, widths=np.arange(group.width + 1))
             energy = float(np.trace(output_energy_matrix(consumers) @ stats.gram))
-            return AllocationGroup(group.width, cost, error_curve=curve, error_scale=energy)
-        return AllocationGroup(group.width, cost)
+            return AllocationGroup(group.width, cost, error_curve=curve, error_scale=energy, min_width=floor)
+        return AllocationGroup(group.width, cost, min_width=floor)
