@@ -11,6 +11,7 @@ goes on with the next model.
 Usage::
 
     python -m tools.sweep_timm --out docs/model-zoo.md [--models resnet18,vgg11] [--sparsity 0.3]
+        [--pipeline "find-groups,calibrate{statistics=oneshot},select{sparsity=0.3},compensate,rewrite"]
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def first_line(error: BaseException, limit: int = 300) -> str:
 # One model --------------------------------------------------------------------------------
 
 
-def sweep_model(name: str, sparsity: float, work_dir: Path) -> ModelResult:
+def sweep_model(name: str, sparsity: float, work_dir: Path, pipeline: str | None = None) -> ModelResult:
     """Create, compress, export and check one model. A failure is recorded, not raised."""
     import timm
 
@@ -184,7 +185,7 @@ def sweep_model(name: str, sparsity: float, work_dir: Path) -> ModelResult:
         stage = "compress"
         report: dict = {}
         tick = time.perf_counter()
-        compressed = compress(model, batches, sparsity=sparsity, device="cpu", report=report)
+        compressed = compress(model, batches, sparsity=sparsity, pipeline=pipeline, device="cpu", report=report)
         result.compress_seconds = time.perf_counter() - tick
         result.pipeline = report["pipeline"]
         result.groups = len(report["groups"])
@@ -274,7 +275,7 @@ def table_row(result: ModelResult) -> str:
     )
 
 
-def render_page(results: Sequence[ModelResult], command: str, sparsity: float) -> str:
+def render_page(results: Sequence[ModelResult], command: str) -> str:
     pipelines = sorted({result.pipeline for result in results if result.pipeline}) or ["no pipeline (every model failed)"]
     lines = [
         "# Model zoo sweep",
@@ -302,7 +303,7 @@ def render_page(results: Sequence[ModelResult], command: str, sparsity: float) -
         "layer scales to 1e-6 and the MLP-Mixer head to 0, which would hide a wrong rewrite.",
         f"- Calibration: {CALIBRATION_IMAGES} images drawn from N(0, 1) in batches of "
         f"{CALIBRATION_BATCH}, at the model's default input size unless the table says otherwise.",
-        f"- Compression: `compress(model, batches, sparsity={sparsity}, device=\"cpu\")`, which ran "
+        "- Compression: `grail_graph.api.compress(model, batches, ..., device=\"cpu\")` ran the pipeline "
         + ", ".join(f"`{text}`" for text in pipelines)
         + ".",
         f"- Checks on {CHECK_IMAGES} further random images: the relative output change "
@@ -355,6 +356,10 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         "--models", default=",".join(DEFAULT_MODELS), help="comma-separated timm model names (default: the 15 families)"
     )
     parser.add_argument("--sparsity", type=float, default=0.3, help="fraction of each group's channels removed (default 0.3)")
+    parser.add_argument(
+        "--pipeline",
+        help="pipeline text passed to compress(), which then ignores --sparsity (default: compress's own pipeline)",
+    )
     arguments = parser.parse_args(argv)
     if not 0.0 <= arguments.sparsity < 1.0:
         parser.error(f"--sparsity must lie in [0, 1), got {arguments.sparsity}")
@@ -373,11 +378,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="grail-sweep-") as work_dir:
         for name in names:
             logger.info("model %s: start", name)
-            result = sweep_model(name, arguments.sparsity, Path(work_dir))
+            result = sweep_model(name, arguments.sparsity, Path(work_dir), arguments.pipeline)
             logger.info("model %s: %s in %.0f s", name, "ok" if result.error is None else "failed", result.total_seconds)
             results.append(result)
             # Rewrite the page after every model so that an interrupted sweep keeps its rows.
-            write_atomically(arguments.out, render_page(results, command, arguments.sparsity))
+            write_atomically(arguments.out, render_page(results, command))
     failed = sum(result.error is not None for result in results)
     logger.info("wrote %s: %d models, %d failed", arguments.out, len(results), failed)
     return 0
