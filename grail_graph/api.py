@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,7 +28,7 @@ class TensorBatches:
 
     @staticmethod
     def _size(batch) -> int:
-        if isinstance(batch, torch.Tensor):
+        if isinstance(batch, (torch.Tensor, np.ndarray)):
             return batch.shape[0]
         first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
         return first.shape[0]
@@ -94,7 +95,7 @@ def compress(
 
 
 def _first_sample(batch):
-    if isinstance(batch, torch.Tensor):
+    if isinstance(batch, (torch.Tensor, np.ndarray)):
         return batch[:2]
     if isinstance(batch, dict):
         return {key: value[:2] for key, value in batch.items()}
