@@ -9,6 +9,7 @@ activations. Every model is seeded and small enough to run on CPU in seconds.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from grail_graph.api import compress, export_onnx
 from grail_graph.errors import DataError, GrailError, UnsupportedModelError
 from grail_graph.fx_frontend.export import check_export
 from grail_graph.fx_frontend.frontend import FxFrontEnd
+from grail_graph.fx_frontend.matcher import find_groups
 from grail_graph.groups import BIAS, CONSTANT, ChannelGroup, Declined, WeightRef
 
 # Models -------------------------------------------------------------------------------------
@@ -148,14 +150,87 @@ class PooledConvs(nn.Module):
 
 
 class ParametricRelu(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, parameters: int = 8) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.act = nn.PReLU(8)
+        self.act = nn.PReLU(parameters, init=0.1)
         self.conv2 = nn.Conv2d(8, 4, 1)
+        with torch.no_grad():
+            self.act.weight.uniform_(-0.5, 0.5)
 
     def forward(self, x):
         return self.conv2(self.act(self.conv1(x)))
+
+
+class FunctionalPrelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.slope = nn.Parameter(torch.linspace(-0.5, 0.5, 8))
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(F.prelu(self.conv1(x), self.slope))
+
+
+class TokenPrelu(nn.Module):
+    """A per-channel PReLU on (batch, tokens, features) scales axis 1, the tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 6)
+        self.act = nn.PReLU(6)
+        self.fc2 = nn.Linear(6, 8)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SqueezeExcite(nn.Module):
+    """Conv, then a channel gate computed from the spatial mean of the same hidden value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Conv2d(8, 2, 1)
+        self.fc2 = nn.Conv2d(2, 8, 1)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        hidden = torch.relu(self.conv1(x))
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(hidden.mean((2, 3), keepdim=True)))))
+        return self.conv2(hidden * gate)
+
+
+def read_batch_size(hidden, output):
+    return output.view(hidden.size(0), -1)
+
+
+def unpack_shape_without_channels(hidden, output):
+    batch, _channels, height, width = hidden.shape
+    return output.reshape(batch, -1, height, width)
+
+
+def scale_by_channel_count(hidden, output):
+    return output * hidden.shape[1]
+
+
+def view_with_whole_shape(hidden, output):
+    return output.view(hidden.size())
+
+
+class ShapeRead(nn.Module):
+    """Conv -> ReLU -> Conv whose output goes through `use(hidden, output)`, which reads the hidden shape."""
+
+    def __init__(self, use) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 1)
+        self.use = use
+
+    def forward(self, x):
+        hidden = torch.relu(self.conv1(x))
+        return self.use(hidden, self.conv2(hidden))
 
 
 class Scale(nn.Module):
@@ -221,6 +296,13 @@ def reason_for(declined: list[Declined], candidate: str) -> str:
 
 def names(refs: tuple[WeightRef, ...]) -> set[str]:
     return {ref.node for ref in refs}
+
+
+def verdict_counts(groups: list[ChannelGroup], declined: list[Declined]) -> Counter:
+    """Count how many verdicts (groups or Declined records) name each producer module."""
+    counts = Counter(ref.node.rpartition(".")[0] for group in groups for ref in group.producers)
+    counts.update(module for entry in declined for module in entry.candidate.split(", "))
+    return counts
 
 
 def capture_output(module: nn.Module, model: nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -375,20 +457,117 @@ def test_module_called_twice_declined():
     assert "called 2 times" in reason
 
 
-@pytest.mark.xfail(strict=True, reason="the matcher declines a module called twice once per call")
 def test_module_called_twice_declined_once():
     _, declined = match(seeded(CalledTwice))
 
     assert [entry.candidate for entry in declined].count("conv1") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="nn.PReLU(H) counts as elementwise, so its H weights are not narrowed")
+def test_squeeze_excite_producer_declined_once():
+    groups, declined = match(seeded(SqueezeExcite))
+
+    counts = verdict_counts(groups, declined)
+    assert counts == Counter({"conv1": 1, "fc1": 1, "fc2": 1, "conv2": 1})
+    assert "`mean`" in reason_for(declined, "conv1")
+    reason = reason_for(declined, "fc2")
+    assert "`mul`" in reason
+    assert "`conv1` already has a verdict" in reason
+    assert only_group(groups).producers == (WeightRef("fc1.weight", 0, 0),)
+
+
+@pytest.mark.parametrize(
+    "model_class",
+    [ConvBnReluConv, ResidualAdd, InvertedResidual, SwiGlu, CalledTwice, GroupedConsumer, SqueezeExcite],
+)
+def test_each_candidate_has_one_verdict(model_class):
+    model = seeded(model_class)
+    # Every Conv / Linear except a depthwise Conv is a candidate producer.
+    candidates = {
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) or (isinstance(module, nn.Conv2d) and module.groups != module.out_channels)
+    }
+
+    counts = verdict_counts(*match(model))
+
+    assert set(counts) == candidates
+    assert all(count == 1 for count in counts.values()), counts
+
+
 def test_prelu_per_channel_weight_narrowed():
     model = seeded(ParametricRelu)
 
     compressed = compress(model, random_batches(IMAGE_SHAPE), sparsity=0.5, device="cpu")
 
     assert compressed.act.weight.shape == (4,)
+    keep = kept_channels(model.conv1.weight, compressed.conv1.weight)
+    torch.testing.assert_close(compressed.act.weight, model.act.weight[keep])
+    with torch.no_grad():
+        assert compressed(random_batches(IMAGE_SHAPE, count=1)[0]).shape == (4, 4, 8, 8)
+
+
+def test_prelu_weight_is_constant_of_group():
+    group = only_group(match(seeded(ParametricRelu))[0])
+
+    assert WeightRef("act.weight", 0, 0, CONSTANT) in group.narrowed
+    assert group.tap == "act"
+
+
+def test_single_prelu_weight_not_narrowed():
+    model = seeded(ParametricRelu, parameters=1)
+    group = only_group(match(model)[0])
+
+    assert "act.weight" not in names(group.narrowed)
+    compressed = compress(model, random_batches(IMAGE_SHAPE), sparsity=0.5, device="cpu")
+    assert compressed.act.weight.shape == (1,)
+    assert compressed.conv2.weight.shape == (4, 4, 1, 1)
+
+
+def test_functional_prelu_weight_narrowed():
+    group = only_group(match(seeded(FunctionalPrelu))[0])
+
+    assert WeightRef("slope", 0, 0, CONSTANT) in group.narrowed
+
+
+def test_exported_prelu_weight_narrowed():
+    model = seeded(ParametricRelu)
+    graph = torch.export.export(model, (torch.randn(IMAGE_SHAPE),)).module()
+
+    group = only_group(find_groups(graph, model)[0])
+
+    assert WeightRef("act.weight", 0, 0, CONSTANT) in group.narrowed
+
+
+def test_token_prelu_per_channel_declined():
+    groups, declined = match(seeded(TokenPrelu))
+
+    assert groups == []
+    reason = reason_for(declined, "fc1")
+    assert "`act`" in reason
+    assert "axis 1" in reason
+
+
+@pytest.mark.parametrize("use", [read_batch_size, unpack_shape_without_channels])
+def test_shape_read_without_width_accepted(use):
+    model = seeded(ShapeRead, use=use)
+    batches = random_batches(IMAGE_SHAPE)
+
+    group = only_group(match(model)[0])
+    compressed = compress(model, batches, sparsity=0.5, device="cpu")
+
+    assert group.producers == (WeightRef("conv1.weight", 0, 0),)
+    with torch.no_grad():
+        assert compressed(batches[0]).shape == model(batches[0]).shape
+
+
+@pytest.mark.parametrize(("use", "reader"), [(scale_by_channel_count, "`getitem`"), (view_with_whole_shape, "`size`")])
+def test_shape_read_of_width_declined(use, reader):
+    groups, declined = match(seeded(ShapeRead, use=use))
+
+    assert groups == []
+    reason = reason_for(declined, "conv1")
+    assert f"shape of hidden value `relu` is read by {reader}" in reason
+    assert "mixes or reshapes" not in reason
 
 
 def test_maxpool_between_convs_accepted():

@@ -10,6 +10,7 @@ original module, not to the traced copy.
 
 from __future__ import annotations
 
+import operator
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -44,16 +45,20 @@ class FxGroupMatcher:
         self.model = model if model is not None else gm
         linears = (ops.describe_linear(gm, node) for node in gm.graph.nodes)
         self.calls = Counter(linear.module for linear in linears if linear is not None)
+        # Producer modules that already have a verdict (a group or a Declined record).
+        self.claimed: set[str] = set()
 
     def run(self) -> tuple[list[ChannelGroup], list[Declined]]:
+        """Return the groups and the declined candidates; each producer module is in exactly one."""
         groups: list[ChannelGroup] = []
         declined: list[Declined] = []
-        claimed: set[str] = set()
+        self.claimed = set()
         for node in self.gm.graph.nodes:
             linear = ops.describe_linear(self.gm, node)
-            if linear is None or linear.depthwise or linear.module in claimed:
+            if linear is None or linear.depthwise or linear.module in self.claimed:
                 continue
             if ops.is_grouped(self.gm, linear):
+                self.claimed.add(linear.module)
                 declined.append(Declined(linear.module, f"producer {ops.describe(self.gm, node)} is a grouped convolution"))
                 continue
             region = _Region(linear.width, linear.channels_last, linear.rank)
@@ -62,10 +67,13 @@ class FxGroupMatcher:
                 self._grow(region)
                 group = self._finish(region, f"g{len(groups)}:{linear.module}")
             except Decline as reason:
-                claimed.update(region.producers)
-                declined.append(Declined(", ".join(sorted(region.producers)) or linear.module, str(reason)))
+                # The first producer is claimed even when it fails its own checks, such as
+                # a module called twice, so that its other calls are not declined again.
+                candidates = {linear.module, *region.producers}
+                self.claimed.update(candidates)
+                declined.append(Declined(", ".join(sorted(candidates)), str(reason)))
                 continue
-            claimed.update(region.producers)
+            self.claimed.update(region.producers)
             groups.append(group)
         return groups, declined
 
@@ -103,10 +111,15 @@ class FxGroupMatcher:
     def _classify_use(self, region: _Region, value: fx.Node, user: fx.Node) -> None:
         if ops.is_harmless_use(user):
             return
+        if (read := ops.shape_read(user)) is not None:
+            self._check_shape_read(region, value, user, *read)
+            return
         linear = ops.describe_linear(self.gm, user)
         first = bool(user.args) and user.args[0] is value
         if linear is not None and first:
             self._add_linear_user(region, value, user, linear)
+        elif ops.is_prelu(self.gm, user) and first:
+            self._add_prelu(region, user)
         elif (tensors := ops.batchnorm_tensors(self.gm, user)) is not None and first and not region.channels_last:
             for name in tensors:
                 region.narrowed[name] = WeightRef(name, 0, 0, _batchnorm_role(name))
@@ -140,6 +153,46 @@ class FxGroupMatcher:
         self._check_single_call(user)
         region.consumers[linear.module] = (linear, value)
 
+    def _add_prelu(self, region: _Region, node: fx.Node) -> None:
+        """Accept a PReLU on the hidden value, narrowing its weight when it has one per channel.
+
+        PReLU applies weight[c] to axis 1 of its input, so a per-channel weight matches the
+        hidden axis of an NCHW tensor, and of a channels-last tensor only when that is 2-D.
+        """
+        weight = ops.prelu_weight(self.gm, node)
+        if weight is None:
+            raise Decline(f"{ops.describe(self.gm, node)} takes a computed weight, which cannot be narrowed")
+        size = ops.get_tensor(self.gm, weight).numel()
+        if size != 1:
+            if size != region.width:
+                raise Decline(f"PReLU {ops.describe(self.gm, node)} has {size} weights for {region.width} channels")
+            if region.channels_last and _known_rank(node) != 2:
+                raise Decline(
+                    f"PReLU {ops.describe(self.gm, node)} applies its {size} weights to axis 1, which is the "
+                    "hidden axis of a channels-last value only when it is 2-D"
+                )
+            region.narrowed[weight] = WeightRef(weight, 0, 0, CONSTANT)
+        self._add_value(region, node)
+
+    def _check_shape_read(self, region: _Region, value: fx.Node, reader: fx.Node, whole: bool, dim) -> None:
+        """Accept a read of `value`'s shape unless the hidden width can reach another node.
+
+        The width escapes when a node uses the size of the hidden axis, the whole shape, or
+        a slice of the shape that covers the hidden axis. That node may build a reshape or a
+        buffer of the old width, or compute with the channel count.
+        """
+        leak = f"the shape of hidden value `{value.name}` is read by {{}}, so the width may be used elsewhere"
+        if not whole:
+            if _may_be_hidden_axis(region, value, dim) and reader.users:
+                raise Decline(leak.format(ops.describe(self.gm, reader)))
+            return
+        for user in reader.users:
+            index = user.args[1] if user.op == "call_function" and user.target is operator.getitem else None
+            if index is None:
+                raise Decline(leak.format(ops.describe(self.gm, reader)))
+            if _may_be_hidden_axis(region, value, index) and user.users:
+                raise Decline(leak.format(ops.describe(self.gm, user)))
+
     def _operands(self, user: fx.Node) -> list:
         return [*user.args[:2], *[user.kwargs[k] for k in ("other", "input") if k in user.kwargs]]
 
@@ -161,8 +214,15 @@ class FxGroupMatcher:
         reason = f"{ops.describe(self.gm, via)} combines the hidden value with `{node.name}`"
         linear = ops.describe_linear(self.gm, node)
         if linear is not None and not linear.depthwise and not ops.is_grouped(self.gm, linear):
+            if linear.module in self.claimed:
+                raise Decline(f"{reason}, whose producer `{linear.module}` already has a verdict of its own")
             if linear.module not in region.producers:
                 self._add_producer(region, node)
+            return
+        if ops.is_prelu(self.gm, node) and isinstance(node.args[0], fx.Node):
+            if node.args[0].name not in region.values:
+                self._add_upstream(region, node.args[0], via)
+            self._add_prelu(region, node)
             return
         tensors = ops.batchnorm_tensors(self.gm, node)
         for name in tensors or ():
@@ -209,6 +269,33 @@ class FxGroupMatcher:
             width_attributes=tuple(sorted(region.width_attributes)),
             values=tuple(region.values),
         )
+
+
+def _known_rank(node: fx.Node) -> int | None:
+    """Return the rank of a node's value when tracing recorded it (torch.export does), else None."""
+    value = node.meta.get("val", node.meta.get("tensor_meta"))
+    shape = getattr(value, "shape", None)
+    return len(shape) if shape is not None else None
+
+
+def _may_be_hidden_axis(region: _Region, value: fx.Node, index) -> bool:
+    """True unless `index` (a dimension or a slice of dimensions) provably misses the hidden axis.
+
+    NCHW values have the hidden axis at 1 of `region.rank` dimensions (a batch is assumed,
+    as for per-channel constants). Channels-last values have it at -1, so a non-negative
+    index is safe only when the value's rank is known.
+    """
+    rank = region.rank if not region.channels_last else _known_rank(value)
+    if rank is None:
+        if isinstance(index, int) and index < 0:
+            return index == -1
+        return True
+    hidden = rank - 1 if region.channels_last else 1
+    if isinstance(index, slice):
+        return hidden in range(rank)[index]
+    if not isinstance(index, int):
+        return True
+    return index % rank == hidden if -rank <= index < rank else True
 
 
 def _batchnorm_role(name: str) -> str:

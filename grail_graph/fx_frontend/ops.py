@@ -18,7 +18,7 @@ from torch import fx, nn
 ELEMENTWISE_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid,
     nn.Tanh, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout, nn.Dropout2d,
-    nn.Hardtanh, nn.PReLU,
+    nn.Hardtanh,
 )  # fmt: skip
 # Pooling works on each channel of an NCHW tensor separately, so it keeps channels in place.
 POOLING_MODULES = (
@@ -58,6 +58,7 @@ ATEN_POOLING = {aten.max_pool1d, aten.max_pool2d, aten.avg_pool1d, aten.avg_pool
 ATEN_BINARY = {aten.add, aten.add_, aten.mul, aten.mul_, aten.sub, aten.div}
 # Reading these attributes of a tensor does not depend on its channel count.
 HARMLESS_ATTRIBUTES = {"ndim", "dtype", "device", "is_cuda"}
+HARMLESS_METHODS = {"dim", "ndimension", "get_device"}
 
 
 @dataclass(frozen=True)
@@ -176,8 +177,46 @@ def is_binary(node: fx.Node) -> bool:
 
 
 def is_harmless_use(node: fx.Node) -> bool:
-    """True for uses that read only metadata, such as `getattr(x, "ndim")`."""
+    """True for uses that read only metadata, such as `getattr(x, "ndim")` or `x.dim()`."""
+    if node.op == "call_method":
+        return node.target in HARMLESS_METHODS
     return node.op == "call_function" and node.target is getattr and node.args[1] in HARMLESS_ATTRIBUTES
+
+
+def prelu_weight(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """Return the qualified name of a PReLU's weight (module, F.prelu or aten.prelu), else None.
+
+    A functional PReLU qualifies only when its weight is a get_attr of the module.
+    """
+    if node.op == "call_module":
+        return f"{node.target}.weight" if isinstance(gm.get_submodule(node.target), nn.PReLU) else None
+    if node.op != "call_function" or (node.target is not torch.prelu and _packet(node) is not aten.prelu):
+        return None
+    weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    return weight.target if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+
+
+def is_prelu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """True for any PReLU call, including a functional one whose weight is computed."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), nn.PReLU)
+    return node.op == "call_function" and (node.target is torch.prelu or _packet(node) is aten.prelu)
+
+
+def shape_read(node: fx.Node) -> tuple[bool, int | None] | None:
+    """Describe a read of a tensor's shape: (True, None) for `x.shape` or `x.size()`.
+
+    Returns (False, dim) for `x.size(dim)` or aten.sym_size(x, dim), where only one
+    dimension is read, and None when `node` reads no shape.
+    """
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
+        return True, None
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return (True, None) if dim is None else (False, dim)
+    if node.op == "call_function" and _packet(node) is aten.sym_size:
+        return (True, None) if len(node.args) < 2 else (False, node.args[1])
+    return None
 
 
 def is_module_call(gm: fx.GraphModule, model: torch.nn.Module, op: LinearOp) -> bool:
