@@ -9,6 +9,7 @@ activations. Every model is seeded and small enough to run on CPU in seconds.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import Counter
 from pathlib import Path
 
@@ -718,6 +719,54 @@ def test_calibration_gram_matches_tap(model_class, shape, tap_module):
     assert stats.count == rows.shape[0]
     np.testing.assert_allclose(stats.gram, rows.T @ rows, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(stats.sums, rows.sum(axis=0), rtol=1e-5, atol=1e-5)
+
+
+def calibration_group(front: FxFrontEnd, hooked: bool, width: int | None = None) -> ChannelGroup:
+    """Return the only group of `front`, recorded by a consumer hook or (`hooked` False) by the Interpreter.
+
+    A consumer that names no module sends calibration through the fx Interpreter. A
+    `width` that differs from the tap's makes the recording code fail on every batch.
+    """
+    group = only_group(front.find_groups()[0])
+    if not hooked:
+        group = dataclasses.replace(group, consumers=(WeightRef("missing.weight", 0, 1),))
+    if width is not None:
+        group = dataclasses.replace(group, width=width)
+    return group
+
+
+def run_calibration(front: FxFrontEnd, group: ChannelGroup, batches, with_reference: bool):
+    if with_reference:
+        return front.calibrate_with_reference([group], batches)
+    return front.calibrate([group], batches)
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+@pytest.mark.parametrize("hooked", [True, False])
+def test_recording_failure_is_internal_error(hooked, with_reference):
+    front = FxFrontEnd(seeded(ConvBnReluConv), device="cpu")
+    group = calibration_group(front, hooked, width=5)
+
+    with pytest.raises(GrailError) as caught:
+        run_calibration(front, group, random_batches(IMAGE_SHAPE), with_reference)
+
+    assert not isinstance(caught.value, DataError)
+    message = str(caught.value)
+    assert f"group {group.name} at `relu` (width 5)" in message
+    assert "shape (4, 8, 8, 8)" in message
+    assert "internal error" in message
+    assert "While executing" not in message
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+@pytest.mark.parametrize("hooked", [True, False])
+def test_model_failure_is_data_error(hooked, with_reference):
+    front = FxFrontEnd(seeded(ConvBnReluConv), device="cpu")
+    group = calibration_group(front, hooked)
+    batches = [torch.randn(2, 3, 8, 8), torch.randn(2, 5, 8, 8)]
+
+    with pytest.raises(DataError, match=r"calibration batch 1 with input shape \(2, 5, 8, 8\)"):
+        run_calibration(front, group, batches, with_reference)
 
 
 # Bad input ----------------------------------------------------------------------------------

@@ -6,17 +6,22 @@ fx Interpreter that reads the tap node's value. Either way the tap is flattened 
 (one per token or pixel), the partial Gram is formed in float32 (float64 input stays
 float64) on the model's device, and it is added to a float64 `GramAccumulator` on the
 host. Nothing is changed and no activation is kept after its batch.
+
+A failure while the model runs on a batch is reported as a `DataError` that names the
+batch shape. A failure in the recording code itself (a tap whose shape disagrees with
+its group, say) is an internal `GrailError` that names the group.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import torch
 from torch import fx, nn
 
 from grail_graph.core import CrossAccumulator, GramAccumulator
-from grail_graph.errors import DataError
+from grail_graph.errors import DataError, GrailError
 from grail_graph.groups import ChannelGroup
 
 
@@ -25,6 +30,37 @@ def _rows(hidden: torch.Tensor, group: ChannelGroup) -> torch.Tensor:
         hidden = hidden.movedim(1, -1)
     rows = hidden.reshape(-1, group.width)
     return rows if rows.dtype == torch.float64 else rows.float()
+
+
+class _RecordingFailure(Exception):
+    """A failure of the recording code inside a forward pass, turned into a GrailError outside it.
+
+    The conversion waits until the forward pass has returned, because the fx Interpreter
+    appends its own traceback note to the message of any exception that passes through it.
+    """
+
+    def __init__(self, group: ChannelGroup, hidden, cause: Exception) -> None:
+        super().__init__(group.name)
+        self.group = group
+        self.shape = _shape(hidden)
+        self.cause = cause
+
+    def to_error(self) -> GrailError:
+        group = self.group
+        return GrailError(
+            f"recording the Gram of group {group.name} at `{group.tap}` (width {group.width}) failed on a value "
+            f"of shape {self.shape}: {type(self.cause).__name__}: {self.cause}",
+            "This is an internal error of grail-opt, not a problem with the calibration data; "
+            "please report it with the model and this message.",
+        )
+
+
+def _guarded(group: ChannelGroup, hidden, action: Callable[[], None]) -> None:
+    """Run `action`, a recording step on `hidden`, and raise any failure of it as _RecordingFailure."""
+    try:
+        action()
+    except Exception as error:  # any failure here is a fault of the recording code, whatever its type
+        raise _RecordingFailure(group, hidden, error) from error
 
 
 def _record(hidden: torch.Tensor, group: ChannelGroup, stats: GramAccumulator) -> None:
@@ -36,7 +72,8 @@ def _record(hidden: torch.Tensor, group: ChannelGroup, stats: GramAccumulator) -
 
 def _make_hook(group: ChannelGroup, stats: GramAccumulator):
     def hook(module: nn.Module, args: tuple) -> None:
-        _record(args[0], group, stats)
+        hidden = args[0] if args else None
+        _guarded(group, hidden, lambda: _record(hidden, group, stats))
 
     return hook
 
@@ -51,7 +88,7 @@ class TapRecorder(fx.Interpreter):
     def run_node(self, node: fx.Node):
         result = super().run_node(node)
         for group, stats in self.taps.get(node.name, ()):
-            _record(result, group, stats)
+            _guarded(group, result, lambda: _record(result, group, stats))
         return result
 
 
@@ -128,6 +165,8 @@ def calibrate(
             for index, batch in enumerate(batches):
                 try:
                     run_batch(runner, batch, device)
+                except _RecordingFailure as failure:
+                    raise failure.to_error() from failure.cause
                 except (RuntimeError, AssertionError, TypeError, ValueError) as error:
                     raise DataError(
                         f"calibration batch {index} with input shape {_shapes(batch)} fails in "
@@ -151,7 +190,10 @@ def _collect_rows(model: nn.Module, gm: fx.GraphModule, groups: list[ChannelGrou
     taps: dict[str, list[ChannelGroup]] = {}
 
     def keep(group: ChannelGroup, hidden: torch.Tensor) -> None:
-        rows[group.name] = _rows(hidden.detach(), group)
+        def store() -> None:
+            rows[group.name] = _rows(hidden.detach(), group)
+
+        _guarded(group, hidden, store)
 
     try:
         for group in groups:
@@ -159,7 +201,7 @@ def _collect_rows(model: nn.Module, gm: fx.GraphModule, groups: list[ChannelGrou
             if consumer is None:
                 taps.setdefault(group.tap, []).append(group)
             else:
-                handles.append(consumer.register_forward_pre_hook(lambda m, args, g=group: keep(g, args[0])))
+                handles.append(consumer.register_forward_pre_hook(lambda m, args, g=group: keep(g, args[0] if args else None)))
         runner = _InterpreterModule(_RowRecorder(gm, taps, keep)) if taps else model
         run_batch(runner, batch, device)
     finally:
@@ -179,6 +221,18 @@ class _RowRecorder(fx.Interpreter):
         for group in self.taps.get(node.name, ()):
             self.keep(group, result)
         return result
+
+
+def _add_cross(
+    current: torch.Tensor, original: torch.Tensor, stats: GramAccumulator, cross_stats: CrossAccumulator
+) -> None:
+    """Add one batch's rows of the current (n, K) and original (n, H) taps to the accumulators."""
+    gram = (current.T @ current).double().cpu().numpy()
+    sums = current.sum(dim=0).double().cpu().numpy()
+    stats.add_partial(gram, sums, current.shape[0])
+    cross = (original.T @ current).double().cpu().numpy()
+    original_sums = original.sum(dim=0).double().cpu().numpy()
+    cross_stats.add_partial(cross, gram, original_sums, sums, current.shape[0])
 
 
 def calibrate_with_reference(
@@ -202,19 +256,20 @@ def calibrate_with_reference(
             try:
                 target = _collect_rows(reference, reference_gm, groups, batch, device)
                 source = _collect_rows(model, gm, groups, batch, device)
+            except _RecordingFailure as failure:
+                raise failure.to_error() from failure.cause
             except (RuntimeError, AssertionError, TypeError, ValueError) as error:
                 raise DataError(
                     f"calibration batch {index} with input shape {_shapes(batch)} fails in {type(model).__name__}: {error}",
                     "Pass batches that the model accepts in a plain forward call, batch dimension first.",
                 ) from error
-            for group in groups:
-                current, original = source[group.name], target[group.name]
-                gram = (current.T @ current).double().cpu().numpy()
-                sums = current.sum(dim=0).double().cpu().numpy()
-                stats[group.name].add_partial(gram, sums, current.shape[0])
-                cross = (original.T @ current).double().cpu().numpy()
-                original_sums = original.sum(dim=0).double().cpu().numpy()
-                crosses[group.name].add_partial(cross, gram, original_sums, sums, current.shape[0])
+            try:
+                for group in groups:
+                    current, original = source[group.name], target[group.name]
+                    accumulate = partial(_add_cross, current, original, stats[group.name], crosses[group.name])
+                    _guarded(group, current, accumulate)
+            except _RecordingFailure as failure:
+                raise failure.to_error() from failure.cause
             if progress is not None:
                 progress(_batch_size(batch))
     return stats, crosses
