@@ -16,6 +16,9 @@ BIAS = "bias"
 BN_ROLES = ("bn_scale", "bn_bias", "bn_mean", "bn_var")
 DEPTHWISE = "depthwise"
 CONSTANT = "constant"
+# Key and value projection rows (and their biases) of an attention-head group. They are
+# indexed by key/value head, so they are narrowed to the heads that the kept query heads use.
+KEY_VALUE = "key_value"
 
 
 @dataclass(frozen=True)
@@ -23,8 +26,9 @@ class WeightRef:
     """One weight tensor of a group: input `input` of node `node`, hidden axis `axis`.
 
     `role` says what a narrowed tensor is: a producer `bias`, one of the BatchNorm
-    tensors in BN_ROLES, a `depthwise` convolution's weight or bias, or a per-channel
-    `constant`. Producer and consumer weights leave it empty.
+    tensors in BN_ROLES, a `depthwise` convolution's weight or bias, a per-channel
+    `constant`, or a `key_value` projection weight or bias. Producer and consumer weights
+    leave it empty.
     """
 
     node: str
@@ -51,6 +55,11 @@ class ChannelGroup:
     """(node, attribute) pairs set to the kept width, such as a depthwise Conv's `group`."""
     values: tuple[str, ...] = ()
     """Hidden values whose shapes change when the group is narrowed."""
+    unit: int = 1
+    """Channels per selectable unit: 1, or the head size for an attention-head group."""
+    kv_heads: int = 0
+    """Key/value heads of an attention-head group (0 otherwise). Query head j reads key/value
+    head j // (width // unit // kv_heads), the grouped-query layout of repeat_interleave."""
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from grail_graph.core import (
     select_channels,
     slice_map,
 )
+from grail_graph.core.selectors import select_units
 from grail_graph.frontend import GroupPlan
 from grail_graph.groups import BIAS, BN_ROLES
 from grail_graph.passes.base import CompressionState, NoOptions, Pass, PassResult, register
@@ -30,6 +31,12 @@ from grail_graph.passes.base import CompressionState, NoOptions, Pass, PassResul
 logger = logging.getLogger(__name__)
 
 COMPENSATIONS = ("ridge", "none")
+# Head removal modes for grouped-query attention. "kv" removes whole key/value heads
+# together with the query heads that read them. "query" removes the same number of query
+# heads from every key/value group and keeps all keys and values. "kv" is the default
+# because it keeps the query heads per key/value head unchanged and shrinks the key/value
+# projections too, but it cannot remove heads from multi-query attention.
+HEAD_MODES = ("kv", "query")
 FOLD_METHODS = ("fold-kmeans", "fold-pca")
 # Folding merges the pre-activations of a producer -> [BatchNorm] chain, so it needs every
 # narrowed tensor to be a producer bias or a BatchNorm tensor.
@@ -108,8 +115,17 @@ class SelectOptions:
     sparsity: float = field(default=0.5, metadata={"help": "fraction of each group's channels removed, in [0, 1)"})
     multiple: int = field(default=1, metadata={"help": "round kept widths to a multiple of this"})
     seed: int = field(default=0, metadata={"help": "seed of the random selector"})
+    heads: str = field(
+        default="kv",
+        metadata={
+            "help": "attention heads: kv removes whole key/value heads with their query heads; query removes "
+            "query heads inside every key/value group, keeping all keys and values"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if self.heads not in HEAD_MODES:
+            raise ValueError(f"heads {self.heads!r} is not one of {', '.join(HEAD_MODES)}")
         if self.method not in SELECTORS + FOLD_METHODS:
             raise ValueError(f"method {self.method!r} is not one of {', '.join(SELECTORS + FOLD_METHODS)}")
         if not 0.0 <= self.sparsity < 1.0:
@@ -135,6 +151,9 @@ class Select(Pass):
             k = state.widths.get(group.name) or kept_width(group.width, options.sparsity, options.multiple)
             stats = state.stats.get(group.name)
             method = options.method
+            if group.kv_heads:
+                state.keeps[group.name] = self._select_heads(state, group, stats)
+                continue
             if method in FOLD_METHODS:
                 reason = _fold_blocker(group)
                 if reason is None:
@@ -153,6 +172,42 @@ class Select(Pass):
             )
         removed = sum(g.width - len(state.keeps[g.name]) for g in state.groups if g.name in state.keeps)
         return PassResult(False, {"channels_removed": removed})
+
+    def _select_heads(self, state: CompressionState, group, stats) -> np.ndarray:
+        """Keep whole heads of an attention-head group, in the layout the `heads` option names.
+
+        With heads=kv a unit is one key/value head with its query heads; with heads=query a
+        unit is one query head and every key/value group keeps the same number of them.
+        An allocated width is rounded to the nearest whole number of units per group.
+        """
+        options = self.options
+        query_heads = group.width // group.unit
+        group_size = query_heads // group.kv_heads
+        if options.heads == "kv":
+            unit, blocks, per_block = group.unit * group_size, 1, group.kv_heads
+        else:
+            unit, blocks, per_block = group.unit, group.kv_heads, group_size
+        width = state.widths.get(group.name)
+        if width is None:
+            kept = kept_width(per_block, options.sparsity)
+        else:
+            kept = min(max(round(width / (unit * blocks)), 1), per_block)
+        if options.heads == "kv" and group.kv_heads == 1 and options.sparsity > 0:
+            state.notes[group.name] = "one key/value head, so heads=kv keeps every head; select{heads=query} removes query heads"
+        method = options.method
+        if method in FOLD_METHODS:
+            state.notes[group.name] = "pruned with wanda instead of folded: folding would mix channels across heads"
+            method = "wanda"
+        return select_units(
+            method,
+            kept,
+            unit,
+            blocks=blocks,
+            gram=None if stats is None else stats.gram,
+            producers=state.frontend.producer_weights(group),
+            consumers=state.frontend.consumer_weights(group),
+            seed=options.seed,
+        )
 
 
 def _fold_blocker(group) -> str | None:

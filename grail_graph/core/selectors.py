@@ -26,6 +26,7 @@ __all__ = [
     "magnitude_scores",
     "random_select",
     "select_channels",
+    "select_units",
     "top_k",
     "wanda_scores",
 ]
@@ -257,3 +258,135 @@ def select_channels(
     if method == "wanda":
         return top_k(wanda_scores(gram, consumers), k)
     return gram_greedy_select(gram, consumers, k)
+
+
+def _unit_scores(
+    method: str,
+    gram: np.ndarray | None,
+    producers: Sequence[np.ndarray],
+    consumers: Sequence[np.ndarray],
+    unit: int,
+) -> np.ndarray:
+    """Sum the per-channel magnitude or Wanda scores over each unit, shape (H // unit,)."""
+    if method == "magnitude":
+        if len(producers) == 0:
+            raise ValueError("method 'magnitude' needs producers, but none were given")
+        scores = magnitude_scores(producers)
+    else:
+        if gram is None or len(consumers) == 0:
+            raise ValueError(f"method {method!r} needs both gram and consumers")
+        scores = wanda_scores(gram, consumers)
+    return scores.reshape(-1, unit).sum(axis=1)
+
+
+def _greedy_units(
+    gram: np.ndarray, consumers: Sequence[np.ndarray], unit: int, capacity: np.ndarray
+) -> list[int]:
+    """Pick units by block pivoted Cholesky of G weighted by M, at most capacity[b] per block b.
+
+    Adding unit u (channels U) lowers the output error tr(M S) by
+    tr(S[U, U]^-1 S[:, U]^T M S[:, U]). Units whose Schur block is numerically zero
+    are skipped; the caller fills what is left.
+    """
+    gram = _as_gram(gram)
+    width = gram.shape[0]
+    energy = output_energy_matrix(consumers)
+    if energy.shape != gram.shape:
+        raise ValueError(f"consumers have H = {energy.shape[0]} but gram has H = {width}")
+    units = width // unit
+    per_block = units // len(capacity)
+    capacity = capacity.copy()
+    schur = gram.copy()
+    energy_schur = energy @ schur
+    tolerance = _PIVOT_TOLERANCE * float(np.max(np.diagonal(gram)))
+    available = np.ones(units, dtype=bool)
+    selected: list[int] = []
+    while np.any(available):
+        best, best_gain, best_factor = -1, 0.0, None
+        for candidate in np.flatnonzero(available):
+            if capacity[candidate // per_block] == 0:
+                continue
+            channels = slice(candidate * unit, (candidate + 1) * unit)
+            block = schur[channels, channels]
+            if np.trace(block) <= tolerance * unit:
+                continue
+            try:
+                factor = np.linalg.cholesky(block + tolerance * np.eye(unit))
+            except np.linalg.LinAlgError:
+                continue
+            # tr(B^-1 C^T M C) with C = S[:, U] and M C = (M S)[:, U].
+            solved = np.linalg.solve(factor, energy_schur[:, channels].T @ schur[:, channels])
+            gain = float(np.trace(np.linalg.solve(factor, solved.T)))
+            if gain > best_gain:
+                best, best_gain, best_factor = candidate, gain, factor
+        if best < 0:
+            break
+        channels = slice(best * unit, (best + 1) * unit)
+        column = np.linalg.solve(best_factor, schur[:, channels].T).T
+        energy_column = np.linalg.solve(best_factor, energy_schur[:, channels].T).T
+        schur -= column @ column.T
+        energy_schur -= energy_column @ column.T
+        available[best] = False
+        capacity[best // per_block] -= 1
+        selected.append(int(best))
+    return selected
+
+
+def select_units(
+    method: str,
+    units_per_block: int,
+    unit: int,
+    *,
+    blocks: int = 1,
+    gram: np.ndarray | None = None,
+    producers: Sequence[np.ndarray] = (),
+    consumers: Sequence[np.ndarray] = (),
+    seed: int = 0,
+) -> np.ndarray:
+    """Select whole units of `unit` consecutive channels, returning sorted channel indices.
+
+    The H channels form H // unit units, and the units form `blocks` equal runs of
+    consecutive units. Every block keeps `units_per_block` units, so the result has
+    shape (blocks * units_per_block * unit,). "magnitude" and "wanda" score a unit by
+    the sum of its channels' scores, "gram" extends the greedy selector to blocks of
+    channels, and "random" draws units. Attention heads are units of head-size channels,
+    and the query heads that share one key/value head are a block.
+    """
+    if method not in SELECTORS:
+        raise ValueError(f"unknown selection method {method!r}. Valid methods: {', '.join(SELECTORS)}")
+    width = _infer_width(gram, producers, consumers)
+    if unit < 1 or blocks < 1 or width % (unit * blocks):
+        raise ValueError(f"width {width} is not a whole number of {blocks} blocks of units of {unit} channels")
+    units = width // unit
+    per_block = units // blocks
+    _check_k(units_per_block, per_block)
+
+    if method == "random":
+        rng = np.random.default_rng(seed)
+        chosen = [block * per_block + rng.choice(per_block, units_per_block, replace=False) for block in range(blocks)]
+        kept = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+    elif method == "gram":
+        if gram is None or len(consumers) == 0:
+            raise ValueError("method 'gram' needs both gram and consumers")
+        capacity = np.full(blocks, units_per_block)
+        kept = np.asarray(_greedy_units(gram, consumers, unit, capacity), dtype=np.int64)
+        if len(kept) < blocks * units_per_block:
+            # Blocks whose remaining units are numerically zero are filled by Wanda score.
+            scores = _unit_scores("wanda", gram, producers, consumers, unit)
+            scores[kept] = -np.inf
+            kept = np.concatenate([kept, _top_per_block(scores, per_block, units_per_block, kept)])
+    else:
+        scores = _unit_scores(method, gram, producers, consumers, unit)
+        kept = _top_per_block(scores, per_block, units_per_block, np.zeros(0, dtype=np.int64))
+    kept = np.sort(np.asarray(kept, dtype=np.int64))
+    return (kept[:, None] * unit + np.arange(unit)).reshape(-1)
+
+
+def _top_per_block(scores: np.ndarray, per_block: int, units_per_block: int, taken: np.ndarray) -> np.ndarray:
+    """Return the best units of each block until it holds units_per_block, counting `taken`."""
+    chosen = []
+    for start in range(0, len(scores), per_block):
+        missing = units_per_block - int(np.sum((taken >= start) & (taken < start + per_block)))
+        if missing > 0:
+            chosen.append(start + top_k(scores[start : start + per_block], missing))
+    return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)

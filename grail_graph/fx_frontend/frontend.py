@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
 
 from grail_graph.core import CrossAccumulator, GramAccumulator
 from grail_graph.errors import GrailError, UnsupportedModelError
 from grail_graph.frontend import GroupPlan
-from grail_graph.fx_frontend import calibration, matcher
+from grail_graph.fx_frontend import attention, calibration, matcher
 from grail_graph.fx_frontend.export import export_onnx
 from grail_graph.fx_frontend.rewrite import apply_plans, get_tensor, to_numpy
 from grail_graph.groups import ChannelGroup, Declined
@@ -70,9 +71,11 @@ class FxFrontEnd:
         example_inputs=None,
         device: str | torch.device | None = "auto",
         input_names: list[str] | None = None,
+        dynamic_axes: list[tuple[int, ...]] | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.input_names = input_names
+        self.dynamic_axes = dynamic_axes
         self.model = copy.deepcopy(model).eval().to(self.device)
         self.example_inputs = example_inputs
         self.graph_module = trace(self.model, self._example_on_device())
@@ -85,7 +88,31 @@ class FxFrontEnd:
     # FrontEnd interface -------------------------------------------------------------------
 
     def find_groups(self) -> tuple[list[ChannelGroup], list[Declined]]:
-        return matcher.find_groups(self.graph_module, self.model)
+        """Return channel groups and attention-head groups in graph order, and the declined candidates.
+
+        The query, key and value projections that join a head group are removed from the
+        channel matcher's declined list, which rejects them for feeding a reshape.
+        """
+        if any(attention.is_attention(node) for node in self.graph_module.graph.nodes):
+            self._propagate_shapes()
+        head_groups, head_declined = attention.find_head_groups(self.graph_module)
+        groups, declined = matcher.find_groups(self.graph_module, self.model)
+        in_heads = {ref.node.rpartition(".")[0] for g in head_groups for ref in (*g.producers, *g.narrowed)}
+        declined = [d for d in declined if not set(d.candidate.split(", ")) <= in_heads]
+        position = {node.name: index for index, node in enumerate(self.graph_module.graph.nodes)}
+        groups = sorted([*groups, *head_groups], key=lambda group: position.get(group.tap, -1))
+        return groups, [*declined, *head_declined]
+
+    def _propagate_shapes(self) -> None:
+        """Record tensor shapes on a symbolic_trace graph, which the head matcher reads."""
+        if attention.has_shapes(self.graph_module) or self.example_inputs is None:
+            return
+        example = self._example_on_device()
+        if isinstance(example, dict):
+            return  # NOTE: keyword inputs are not mapped to placeholders here, so heads are declined
+        args = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+        with torch.no_grad():
+            ShapeProp(self.graph_module).propagate(*args)
 
     def producer_weights(self, group: ChannelGroup) -> list[np.ndarray]:
         return [np.moveaxis(to_numpy(get_tensor(self.model, r.node)), r.axis, 0) for r in group.producers]
@@ -161,7 +188,15 @@ class FxFrontEnd:
         """Export the compressed module to ONNX (checked in ONNX Runtime) at `path`."""
         if self.example_inputs is None:
             raise GrailError("exporting a PyTorch model needs example inputs", "Pass example_inputs or calibration data.")
-        return [export_onnx(self.model, self.example_tensors(), path, input_names=self.input_names, metadata=self.metadata)]
+        exported = export_onnx(
+            self.model,
+            self.example_tensors(),
+            path,
+            input_names=self.input_names,
+            dynamic_axes=self.dynamic_axes,
+            metadata=self.metadata,
+        )
+        return [exported]
 
     def example_tensors(self) -> tuple[torch.Tensor, ...]:
         """Return the example inputs as a tuple of tensors on the model's device."""

@@ -7,6 +7,8 @@ so the result is an ordinary module that runs in eager PyTorch and exports to ON
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from torch import nn
@@ -14,7 +16,10 @@ from torch import nn
 from grail_graph.core import absorb, bias_correction, fold_linear_chain
 from grail_graph.errors import GrailError
 from grail_graph.frontend import GroupPlan
-from grail_graph.groups import BIAS, BN_ROLES, WeightRef
+from grail_graph.fx_frontend import attention
+from grail_graph.groups import BIAS, BN_ROLES, KEY_VALUE, ChannelGroup, WeightRef
+
+logger = logging.getLogger(__name__)
 
 
 def get_tensor(model: nn.Module, name: str) -> torch.Tensor:
@@ -132,9 +137,11 @@ def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> None:
                 if getattr(model.get_submodule(owner), "bias", None) is not None and f"{owner}.bias" not in names
             ]
             narrowing = [] if plan.producer_map is not None else [*group.producers, *group.narrowed, *late_biases]
+            kv_keep = _key_value_channels(group, plan.keep)
             for ref in narrowing:
                 tensor = get_tensor(model, ref.node)
-                set_tensor(model, ref.node, tensor.index_select(ref.axis, keep.to(tensor.device)))
+                indices = kv_keep if ref.role == KEY_VALUE else keep
+                set_tensor(model, ref.node, tensor.index_select(ref.axis, indices.to(tensor.device)))
                 touched.add(ref.node.rpartition(".")[0])
             for ref in group.consumers:
                 weight = np.moveaxis(to_numpy(get_tensor(model, ref.node)), ref.axis, 1)
@@ -146,3 +153,71 @@ def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> None:
     for name in sorted(touched):
         if name:
             _update_widths(model.get_submodule(name))
+    for plan in plans:
+        if plan.group.kv_heads:
+            _update_head_counts(model, plan)
+
+
+def _key_value_channels(group: ChannelGroup, keep: np.ndarray) -> torch.Tensor | None:
+    """Return the key/value rows that an attention-head group keeps, else None."""
+    if not group.kv_heads:
+        return None
+    try:
+        _, kv_heads = attention.kept_heads(group, keep)
+    except ValueError as error:
+        raise GrailError(str(error), "Select whole heads with the select pass.") from error
+    return torch.as_tensor(attention.head_channels(kv_heads, group.unit), dtype=torch.long)
+
+
+def _projections(group: ChannelGroup) -> tuple[str, str, str]:
+    """Return the owner of an attention group's projections and the query and key module paths under it."""
+    query = group.producers[0].node.rpartition(".")[0]
+    key = next(ref.node for ref in group.narrowed if ref.role == KEY_VALUE).rpartition(".")[0]
+    owner = attention.owner_module(query, key)
+    relative = len(owner) + 1 if owner else 0
+    return owner, query[relative:], key[relative:]
+
+
+def _update_head_counts(model: nn.Module, plan: GroupPlan) -> None:
+    """Set the head counts on the module that owns the projections, and on a uniform config."""
+    group = plan.group
+    old = attention.structure_of(group)
+    new = attention.new_structure(group, plan.keep)
+    owner_name, query, key = _projections(group)
+    owner = model.get_submodule(owner_name)
+    for name, value in attention.head_count_updates(owner, old, new).items():
+        setattr(owner, name, value)
+    _update_config(model, owner, query, key, old)
+
+
+def _update_config(model: nn.Module, owner: nn.Module, query: str, key: str, old) -> None:
+    """Write the head counts into a Hugging Face config when every layer of this kind has the same ones.
+
+    Layers are the modules of the owner's class, read through the same query and key
+    projection paths; their head counts come from the projection widths.
+    """
+    config = getattr(model, "config", None)
+    if config is None or not isinstance(getattr(config, "num_attention_heads", None), int):
+        return
+    counts = set()
+    for module in model.modules():
+        if type(module) is type(owner):
+            query_rows = get_tensor(module, f"{query}.weight").shape[0]
+            key_rows = get_tensor(module, f"{key}.weight").shape[0]
+            counts.add((query_rows // old.head_size, key_rows // old.head_size))
+    if len(counts) > 1:
+        # NOTE: a global config cannot hold per-layer head counts, so it keeps the old
+        # ones. The module runs, but a model rebuilt from this config has other shapes.
+        logger.info(
+            "attention layers of %s have different head counts %s; the config keeps %d query heads",
+            type(owner).__name__, sorted(counts), config.num_attention_heads,
+        )  # fmt: skip
+        return
+    query_heads, kv_heads = counts.pop()
+    # NOTE: configs without `head_dim` (BERT) derive the head size from hidden_size and
+    # the head count, so a model rebuilt from them gets the wrong head size.
+    if getattr(config, "head_dim", None) is None and hasattr(config, "head_dim"):
+        config.head_dim = old.head_size
+    config.num_attention_heads = query_heads
+    if isinstance(getattr(config, "num_key_value_heads", None), int):
+        config.num_key_value_heads = kv_heads
