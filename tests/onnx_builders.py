@@ -338,3 +338,48 @@ def node_inputs(model: onnx.ModelProto, node_name: str) -> list[str]:
 def initializer_shape(model: onnx.ModelProto, node_name: str, index: int) -> tuple[int, ...]:
     """Return the shape of the initializer that feeds input `index` of node `node_name`."""
     return initializer_shapes(model)[node_inputs(model, node_name)[index]]
+
+
+# Transformer layouts ---------------------------------------------------------------------
+
+
+def swiglu_swish(seed: int = 0, hidden: int = 10) -> onnx.ModelProto:
+    """Build h = Swish(x Wg) * (x Wu), y = h Wd on x (2, 5, 6), with the opset 24 Swish op."""
+    b = ModelBuilder(seed)
+    gate = b.node("MatMul", ["x", b.weight("w_gate", [6, hidden])], "gate")
+    up = b.node("MatMul", ["x", b.weight("w_up", [6, hidden])], "up")
+    activated = b.node("Swish", [gate], "swish")
+    h = b.node("Mul", [activated, up], "gated")
+    y = b.node("MatMul", [h, b.weight("w_down", [hidden, 6])], "down")
+    return b.build({"x": MLP_INPUT}, [y], opset=24)
+
+
+def conv1d_layout_blocks(seed: int = 0, hidden: int = 10) -> onnx.ModelProto:
+    """Build two GPT-2 style MLP blocks on x (2, 5, 6), with Gemm on flattened rows.
+
+    Each linear layer flattens its input to (rows, channels) with Reshape, runs a Gemm
+    whose weight is stored (in, out) as in GPT-2's Conv1D, and reshapes back to
+    (batch, seq, out) with a target that a Concat builds from Shape(x). Block one is
+    fc1 (6 -> hidden) -> Tanh -> fc2 (hidden -> 6), block two fc3 (6 -> hidden) -> Tanh
+    -> fc4 (hidden -> 4). Both blocks read the same Concat target for their hidden
+    Reshape and the same constant [-1, hidden] to flatten, as exporters share them.
+    """
+    b = ModelBuilder(seed)
+    batch_seq = b.node("Shape", ["x"], "batch_seq", start=0, end=2)
+    targets = {
+        width: b.node("Concat", [batch_seq, b.constant(f"last_{width}", np.array([width], np.int64))], f"target_{width}", axis=0)
+        for width in sorted({6, hidden, 4})
+    }
+    flatten = {width: b.constant(f"rows_{width}", np.array([-1, width], np.int64)) for width in sorted({6, hidden})}
+
+    def linear(name: str, data: str, width_in: int, width_out: int) -> str:
+        rows = b.node("Reshape", [data, flatten[width_in]], f"{name}_rows")
+        weight, bias = b.weight(f"{name}_w", [width_in, width_out]), b.weight(f"{name}_b", [width_out])
+        out = b.node("Gemm", [rows, weight, bias], name)
+        return b.node("Reshape", [out, targets[width_out]], f"{name}_view")
+
+    h = b.node("Tanh", [linear("fc1", "x", 6, hidden)], "act1")
+    h = linear("fc2", h, hidden, 6)
+    h = b.node("Tanh", [linear("fc3", h, 6, hidden)], "act2")
+    y = linear("fc4", h, hidden, 4)
+    return b.build({"x": MLP_INPUT}, [y])

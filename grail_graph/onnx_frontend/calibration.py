@@ -21,6 +21,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from grail_graph.core import CrossAccumulator, GramAccumulator
+from grail_graph.errors import DataError
 from grail_graph.groups import ChannelGroup
 from grail_graph.onnx_frontend.model_io import save_model
 
@@ -43,6 +44,34 @@ def execution_providers(device: str = "auto") -> list[str]:
             "Install grail-opt[gpu] in an environment without the CPU onnxruntime, or use --device cpu.",
         )
     return ["CPUExecutionProvider"]
+
+
+def session_feeds(session: ort.InferenceSession, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Select from `batch` the arrays that `session` declares as inputs.
+
+    A batch may carry more arrays than the model reads, such as an `attention_mask` for a
+    model exported with `input_ids` alone; those are left out. An integer array is cast
+    to the declared integer type, so int32 token ids feed an int64 input.
+    """
+    feeds = {}
+    for spec in session.get_inputs():
+        if spec.name not in batch:
+            raise DataError(
+                f"calibration batch has no array for model input '{spec.name}' (batch arrays: {', '.join(sorted(batch))})",
+                "Key the calibration arrays by the model's input names.",
+            )
+        array = np.asarray(batch[spec.name])
+        declared = _ORT_INTEGER_TYPES.get(spec.type)
+        if declared is not None and np.issubdtype(array.dtype, np.integer) and array.dtype != declared:
+            array = array.astype(declared)
+        feeds[spec.name] = array
+    return feeds
+
+
+_ORT_INTEGER_TYPES = {
+    f"tensor({np.dtype(dtype).name})": np.dtype(dtype)
+    for dtype in (np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64)
+}
 
 
 def _opset(proto: onnx.ModelProto) -> int:
@@ -186,12 +215,13 @@ def calibrate(
         logger.info("calibrating %d groups on %s", len(groups), session.get_providers()[0])
         names = [name for group in groups for name in outputs[group.name]]
         for batch in batches:
-            results = dict(zip(names, session.run(names, dict(batch))))
+            feeds = session_feeds(session, batch)
+            results = dict(zip(names, session.run(names, feeds)))
             for group in groups:
                 gram, sums, shape, *cross = (results[name] for name in outputs[group.name])
                 stats[group.name].add_partial(gram, sums, int(shape[0]))
                 if cross:
                     crosses[group.name].add_partial(cross[0], gram, cross[1], sums, int(shape[0]))
             if progress is not None:
-                progress(next(iter(batch.values())).shape[0])
+                progress(next(iter(feeds.values())).shape[0])
     return stats, crosses

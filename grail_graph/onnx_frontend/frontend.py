@@ -137,7 +137,12 @@ class OnnxFrontEnd:
     def set_metadata(self, key: str, value: str) -> None:
         self.model.metadata_props[key] = value
 
-    def save(self, path: str | os.PathLike) -> list[Path]:
-        guard = () if self.source is None else (self.source, *external_data_files(self.source))
-        return save_model(self.model, path, overwrite_guard=guard)
+    def save(self, path: str | os.PathLike, external_data: bool | None = None) -> list[Path]:
+        """Write the model atomically and return the files written.
 
+        `external_data` True writes the weights to `<name>.data` next to `path`, False
+        keeps them in the model file; None (the default) uses external data only for
+        models above half the protobuf limit, whatever the source file used.
+        """
+        guard = () if self.source is None else (self.source, *external_data_files(self.source))
+        return save_model(self.model, path, overwrite_guard=guard, external_data=external_data)

@@ -22,7 +22,7 @@ ELEMENTWISE_UNARY = frozenset(
     {
         "Abs", "Celu", "Elu", "Erf", "Exp", "Gelu", "HardSigmoid", "HardSwish", "Identity",
         "LeakyRelu", "Log", "Mish", "Neg", "Reciprocal", "Relu", "Selu", "Sigmoid", "Softplus",
-        "Softsign", "Sqrt", "Tanh", "ThresholdedRelu",
+        "Softsign", "Sqrt", "Swish", "Tanh", "ThresholdedRelu",
     }
 )  # fmt: skip
 # Pooling works on each channel of an NCHW tensor separately, so it keeps channels in place.
@@ -55,6 +55,54 @@ def _attr(node: ir.Node, name: str, default):
 
 def _shared(value: ir.Value) -> bool:
     return len(value.uses()) > 1 or value.is_graph_output()
+
+
+def reshape_shape_source(node: ir.Node) -> tuple[ir.Node, int] | None:
+    """Return the (node, input index) of the constant that ends a Reshape's target shape.
+
+    The target is either a constant, or a Concat along axis 0 whose last input is a
+    constant: exporters write the second form for (batch, sequence, hidden) with dynamic
+    batch and sequence axes. Returns None for any other target.
+    """
+    target = node.inputs[1] if len(node.inputs) > 1 else None
+    if target is None:
+        return None
+    if constant_array(target) is not None:
+        return node, 1
+    concat = target.producer()
+    if concat is None or concat.op_type != "Concat" or _attr(concat, "axis", 0) not in (0, -1):
+        return None
+    if not concat.inputs or constant_array(concat.inputs[-1]) is None:
+        return None
+    return concat, len(concat.inputs) - 1
+
+
+def _fixed_row_entries(node: ir.Node) -> list[int]:
+    """Return the positive constant entries before the last one in a Reshape's target.
+
+    -1 and 0 (copy, unless allowzero) take their size from the input, and entries that
+    a Concat computes at run time are not constants, so none of those is returned.
+    """
+    source = reshape_shape_source(node)
+    if source is None:
+        return []
+    holder, index = source
+    if holder is node:
+        parts = [constant_array(node.inputs[1]).reshape(-1)[:-1]]
+    else:
+        last_part = constant_array(holder.inputs[index]).reshape(-1)[:-1]
+        parts = [constant_array(value) for value in holder.inputs[:index]] + [last_part]
+    return [int(entry) for part in parts if part is not None for entry in part.reshape(-1) if entry > 0]
+
+
+def reshape_last_entry(node: ir.Node) -> int | None:
+    """Return the last entry of a Reshape's target shape when it is a constant, else None."""
+    source = reshape_shape_source(node)
+    if source is None:
+        return None
+    holder, index = source
+    entries = constant_array(holder.inputs[index]).reshape(-1)
+    return int(entries[-1]) if entries.size else None
 
 
 @dataclass(frozen=True)
@@ -207,6 +255,8 @@ class GroupMatcher:
                 region.narrowed[(node.name, 2)] = WeightRef(node.name, 2, 0, DEPTHWISE)
             region.width_attributes.add((node.name, "group"))
             self._add_value(region, node.outputs[0])
+        elif op == "Reshape" and index == 0 and region.channels_last:
+            self._add_reshape(region, value, node)
         elif op in POOLING and not region.channels_last and not node.outputs[1:]:
             region.channel_ops.add(node.name)
             self._add_value(region, node.outputs[0])
@@ -226,6 +276,33 @@ class GroupMatcher:
         else:
             where = f"input {index} of `{node.name}` ({op})"
             raise Decline(f"hidden value `{value.name}` feeds {where}, which mixes or reshapes channels")
+
+    def _add_reshape(self, region: _Region, value: ir.Value, node: ir.Node) -> None:
+        """Accept a Reshape that only regroups the leading axes of a channels-last value.
+
+        Row-major order keeps every row of H channels intact when the input and the
+        output both end in H, so such a Reshape (GPT-2 flattens (batch, seq, H) to
+        (batch * seq, H) around its Gemm layers) is channel-wise. The rewrite changes a
+        target that ends in H to end in the kept width.
+        """
+        where = f"hidden value `{value.name}` feeds `{node.name}` (Reshape), whose target shape"
+        last = reshape_last_entry(node)
+        copies_last = last == 0 and _attr(node, "allowzero", 0) == 0
+        output_shape = node.outputs[0].shape
+        inferred_last = output_shape[-1] if output_shape is not None and len(output_shape) else None
+        # NOTE: a trailing -1 is accepted when shape inference reports an output ending in H.
+        # This assumes that the other entries count rows and do not depend on H.
+        infers_last = last == -1 and inferred_last == region.width
+        if last != region.width and not copies_last and not infers_last:
+            shown = "not a constant" if last is None else str(last)
+            raise Decline(f"{where} does not end in the {region.width} hidden channels (last entry: {shown})")
+        fixed = _fixed_row_entries(node)
+        if fixed:
+            # NOTE: such a target also keeps rows intact. It is declined because it fixes
+            # the number of rows, which exporters with dynamic axes do not write.
+            raise Decline(f"{where} fixes the row count with the constant entries {fixed}")
+        region.channel_ops.add(node.name)
+        self._add_value(region, node.outputs[0])
 
     def _add_consumer(self, region: _Region, value: ir.Value, node: ir.Node) -> None:
         linear = describe_linear(node)
@@ -259,12 +336,18 @@ class GroupMatcher:
             return
         raise Decline(f"`{node.name}` ({node.op_type}) combines the hidden value with `{other.name}`")
 
-    def _add_upstream(self, region: _Region, value: ir.Value, via: ir.Node) -> None:
-        """Join the producers behind `value`, reached only through channel-wise ops."""
+    def _add_upstream(self, region: _Region, value: ir.Value, via: ir.Node, operand: ir.Value | None = None) -> None:
+        """Join the producers behind `value`, reached only through channel-wise ops.
+
+        `operand` is the input of `via` that the search started from; the reason for a
+        decline names it, and `value` where the search stopped.
+        """
         node = value.producer()
-        residual = f"`{via.name}` ({via.op_type}) adds or multiplies the hidden value with `{value.name}`"
+        operand = value if operand is None else operand
+        residual = f"`{via.name}` ({via.op_type}) combines the hidden value with `{operand.name}`"
         if node is None:
-            raise Decline(f"{residual}, a graph input")
+            where = "a graph input" if operand is value else f"which depends on the graph input `{value.name}`"
+            raise Decline(f"{residual}, {where}")
         if node.op_type in LINEAR_OPS and describe_linear(node) is not None:
             if node.name not in region.producers:
                 self._add_producer(region, node)
@@ -276,10 +359,11 @@ class GroupMatcher:
                 self._narrow_constant(region, node, input_index, exact_vector=True)
             channel_wise, data_inputs = True, data_inputs[:1]
         if not channel_wise or not data_inputs:
-            raise Decline(f"{residual}, which is not computed channel-wise from a producer")
+            origin = f"{node.op_type} `{node.name}` writes `{value.name}`"
+            raise Decline(f"{residual}, which is not computed channel-wise from a producer: {origin}")
         for data_input in data_inputs:
             if data_input.name not in region.values:
-                self._add_upstream(region, data_input, via)
+                self._add_upstream(region, data_input, via, operand)
         self._add_value(region, value)
 
     # Per-channel constants ------------------------------------------------------------

@@ -57,10 +57,17 @@ def model_size_bytes(model: ir.Model) -> int:
     )
 
 
-def save_model(model: ir.Model, path: str | os.PathLike, *, overwrite_guard: tuple[Path, ...] = ()) -> list[Path]:
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    overwrite_guard: tuple[Path, ...] = (),
+    external_data: bool | None = None,
+) -> list[Path]:
     """Write `model` to `path` atomically and return the files written.
 
-    Models whose weights exceed the protobuf limit get an external data file
+    With `external_data` True, or None and weights above half the protobuf limit, the
+    tensors of at least EXTERNAL_DATA_THRESHOLD_BYTES go to an external data file
     `<name>.data` next to `path`. Files are written to a temporary folder in the
     destination directory and renamed into place, data file first, so a reader never
     sees a half-written model. `overwrite_guard` lists input files that must not be
@@ -68,7 +75,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, overwrite_guard: tup
     """
     path = Path(path)
     data_name = path.name + ".data"
-    external = model_size_bytes(model) > PROTOBUF_LIMIT_BYTES // 2
+    external = model_size_bytes(model) > PROTOBUF_LIMIT_BYTES // 2 if external_data is None else external_data
     targets = [path] + ([path.with_name(data_name)] if external else [])
     guarded = {guard.resolve() for guard in overwrite_guard}
     for target in targets:

@@ -7,9 +7,10 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from grail_graph.core import absorb, bias_correction, fold_linear_chain
+from grail_graph.errors import GrailError
 from grail_graph.frontend import GroupPlan
-from grail_graph.groups import BIAS, BN_ROLES, WeightRef
-from grail_graph.onnx_frontend.matcher import constant_array
+from grail_graph.groups import BIAS, BN_ROLES, ChannelGroup, WeightRef
+from grail_graph.onnx_frontend.matcher import constant_array, reshape_shape_source
 
 
 def to_canonical_consumer(weight: np.ndarray, axis: int) -> np.ndarray:
@@ -25,6 +26,18 @@ def from_canonical_consumer(weight: np.ndarray, axis: int) -> np.ndarray:
 def to_canonical_producer(weight: np.ndarray, axis: int) -> np.ndarray:
     """Move a producer weight's hidden axis to position 0: (H, ...)."""
     return np.moveaxis(weight, axis, 0)
+
+
+def _check_finite(array: np.ndarray, what: str) -> None:
+    """Raise GrailError when a floating-point `array` contains NaN or Inf."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
+        raise GrailError(
+            f"the {what} has {bad} NaN or Inf values in {array.dtype}",
+            "Raise the compensation alpha, calibrate on more samples, or use --compensation none.",
+        )
 
 
 class GraphRewriter:
@@ -48,16 +61,62 @@ class GraphRewriter:
     def _apply_plan(self, plan: GroupPlan) -> None:
         group = plan.group
         keep = np.asarray(plan.keep, dtype=np.int64)
+        # Consumers are computed and checked before any tensor changes, so a map that
+        # overflows the weight dtype (float16 above 65504) leaves the model untouched.
+        compensated = self._compensated_consumers(plan)
         if plan.producer_map is not None:
             self._fold_producers(plan)
         else:
             self._narrow_producers(plan, keep)
-        self._compensate_consumers(plan)
+        for node, ref, weight, delta in compensated:
+            if delta is not None:
+                self._add_bias(node, delta)
+            self._set_constant(node, ref.input, weight)
         for node_name, attribute in group.width_attributes:
             self.nodes[node_name].attributes[attribute] = ir.AttrInt64(attribute, len(keep))
+        self._narrow_reshapes(plan.group, len(keep))
         for name in group.values:
             # Stale shapes would contradict the new widths; shape inference refills them.
             self.values[name].shape = None
+
+    def _narrow_reshapes(self, group: ChannelGroup, kept: int) -> None:
+        """End the target shape of every Reshape inside the group in `kept`, not the width.
+
+        The matcher accepts only Reshapes whose target ends in the group width, 0 or -1;
+        the last two follow the input and stay as they are. A target built by a Concat
+        that other nodes also read gets a private copy of that Concat first.
+        """
+        for name in group.values:
+            node = self.values[name].producer()
+            if node is None or node.op_type != "Reshape":
+                continue
+            source = reshape_shape_source(node)
+            if source is None:
+                continue
+            holder, index = source
+            entries = constant_array(holder.inputs[index])
+            if entries.size == 0 or int(entries.reshape(-1)[-1]) != group.width:
+                continue
+            narrowed = entries.copy()
+            narrowed.reshape(-1)[-1] = kept
+            if holder is not node and len(node.inputs[1].uses()) > 1:
+                holder = self._private_concat(node, holder)
+            self._set_constant(holder, index, narrowed)
+
+    def _private_concat(self, reshape: ir.Node, concat: ir.Node) -> ir.Node:
+        """Give `reshape` its own copy of the Concat that builds its target shape."""
+        private = ir.node(
+            "Concat",
+            list(concat.inputs),
+            attributes={"axis": concat.attributes["axis"].value},
+            name=self._unique_name(f"{concat.name}_narrowed"),
+        )
+        private.outputs[0].name = self._unique_name(f"{concat.outputs[0].name}_narrowed")
+        self.graph.insert_before(reshape, private)
+        reshape.replace_input_with(1, private.outputs[0])
+        self.nodes[private.name] = private
+        self.values[private.outputs[0].name] = private.outputs[0]
+        return private
 
     def _tensor(self, ref: WeightRef) -> np.ndarray:
         return np.moveaxis(constant_array(self.nodes[ref.node].inputs[ref.input]), ref.axis, 0)
@@ -97,14 +156,26 @@ class GraphRewriter:
             weight = constant_array(node.inputs[ref.input])
             self._set_constant(node, ref.input, np.take(weight, keep, axis=ref.axis))
 
-    def _compensate_consumers(self, plan: GroupPlan) -> None:
+    def _compensated_consumers(
+        self, plan: GroupPlan
+    ) -> list[tuple[ir.Node, WeightRef, np.ndarray, np.ndarray | None]]:
+        """Return (node, ref, new weight, bias delta or None) for every consumer of the plan.
+
+        The products are computed in float64 and cast to each weight's dtype; a result that
+        is not finite in that dtype raises GrailError.
+        """
+        results = []
         for ref in plan.group.consumers:
             node = self.nodes[ref.node]
             weight = to_canonical_consumer(constant_array(node.inputs[ref.input]), ref.axis)
+            delta = None
             if plan.consumer_bias is not None:
-                self._add_bias(node, bias_correction(weight, plan.consumer_bias).astype(weight.dtype))
-            compensated = absorb(weight, plan.consumer_map)
-            self._set_constant(node, ref.input, from_canonical_consumer(compensated, ref.axis))
+                delta = bias_correction(weight, plan.consumer_bias).astype(weight.dtype)
+                _check_finite(delta, f"bias correction of consumer `{node.name}`")
+            compensated = from_canonical_consumer(absorb(weight, plan.consumer_map), ref.axis)
+            _check_finite(compensated, f"compensated weight of consumer `{node.name}`")
+            results.append((node, ref, compensated, delta))
+        return results
 
     def _add_bias(self, node: ir.Node, delta: np.ndarray) -> None:
         """Add `delta` (O,) to a consumer's output: its bias input, or a new Add after a MatMul."""
@@ -151,6 +222,7 @@ class GraphRewriter:
         """Give input `index` of `node` the new tensor, without touching other users."""
         old = node.inputs[index]
         array = np.ascontiguousarray(array)
+        _check_finite(array, f"new value of input {index} of `{node.name}`")
         sole_initializer = (
             old.is_initializer() and len(old.uses()) == 1 and not old.is_graph_input()
         )
