@@ -20,6 +20,7 @@ from grail_graph.core import ALLOCATION_METHODS
 from grail_graph.passes.allocate import BUDGETS
 from grail_graph.passes.transform import COMPENSATIONS, FOLD_METHODS, STATISTICS
 from grail_graph.report import format_batch_table, format_summary
+from grail_graph.text import DEFAULT_CALIBRATION_WINDOWS, TEXT_LAYOUTS, TextOptions
 from grail_graph.torch_models import spec_stem
 
 EXIT_USAGE = 2
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "models", nargs="*", type=Path,
-        help="ONNX files, timm:NAME, saved nn.Module files (.pt) or exported programs (.pt2)",
+        help="ONNX files, timm:NAME, hf:DIR (a local Hugging Face model folder or .gguf file), "
+        "saved nn.Module files (.pt) or exported programs (.pt2)",
     )  # fmt: skip
     parser.add_argument("-o", "--output", type=Path, help="output model path (one input model)")
     parser.add_argument("--out-dir", type=Path, help="output folder; each model is written as NAME.grail.onnx")
@@ -52,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--image-size", type=int, help="square image side in pixels (default: the model's input size)")
     data.add_argument("--mean", type=_floats, default=IMAGENET_MEAN, help="per-channel mean after scaling to [0, 1]")
     data.add_argument("--std", type=_floats, default=IMAGENET_STD, help="per-channel std after scaling to [0, 1]")
+    text = parser.add_argument_group("text data (language models)")
+    text.add_argument("--calib-text", type=Path, help="UTF-8 text file; calibration windows are drawn at random offsets")
+    text.add_argument("--eval-text", type=Path, help="UTF-8 text file scored by perplexity in non-overlapping windows; "
+                      "it must differ from --calib-text")
+    text.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the folder of an hf: model)")
+    text.add_argument("--text-layout", choices=TEXT_LAYOUTS, default="plain",
+                      help="wikitext: join lines the standard WikiText way before tokenising")
+    text.add_argument("--seq-len", type=int, default=256, help="tokens per calibration window")
+    text.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window")
+    text.add_argument("--eval-windows", type=int, help="evaluation windows from the start of the text (default: all)")
     torch_group = parser.add_argument_group("PyTorch models")
     torch_group.add_argument("--weights", type=Path, help="checkpoint for a timm:NAME model (default: the local cache)")
     torch_group.add_argument("--random-weights", action="store_true", help="build a timm:NAME model with random weights")
@@ -80,7 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     method.add_argument("--budget", choices=BUDGETS, default="params", help="what --sparsity counts with --allocation")
     method.add_argument("--multiple", type=int, default=1, help="round kept widths to a multiple of this")
     method.add_argument("--seed", type=int, default=0, help="seed of the random selector")
-    method.add_argument("--samples", type=int, default=0, help="calibration samples to use; 0 uses all")
+    method.add_argument(
+        "--samples", type=int, default=0,
+        help=f"calibration samples to use; 0 uses all, or {DEFAULT_CALIBRATION_WINDOWS} windows of --calib-text",
+    )  # fmt: skip
     method.add_argument("--batch-size", type=int, default=64, help="samples per ONNX Runtime run")
     method.add_argument("--pipeline", help="pass pipeline text; replaces the method options above")
     run = parser.add_argument_group("run")
@@ -170,6 +185,13 @@ def _check_options(args: argparse.Namespace) -> None:
         raise GrailError(f"--mean has {len(args.mean)} values but --std has {len(args.std)}")
     if any(s <= 0 for s in args.std):
         raise GrailError(f"--std {args.std} must be positive")
+    if args.samples < 0:
+        raise GrailError(f"--samples {args.samples} is negative", "Pass a count such as 128, or 0 for the default.")
+    for option, value in (("--seq-len", args.seq_len), ("--eval-seq-len", args.eval_seq_len)):
+        if value < 2:
+            raise GrailError(f"{option} {value} is too short", "A window needs at least 2 tokens; 256 to 2048 is usual.")
+    if args.eval_windows is not None and args.eval_windows < 1:
+        raise GrailError(f"--eval-windows {args.eval_windows} must be at least 1", "Omit it to score every window.")
     if not args.models:
         raise GrailError("no model given", "Pass one or more ONNX files, for example: grail-opt model.onnx -o small.onnx")
 
@@ -189,6 +211,17 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         show_progress=not args.quiet and sys.stderr.isatty(),
         verify_each=not args.no_verify_each,
+        text=TextOptions(
+            calib_text=args.calib_text,
+            eval_text=args.eval_text,
+            tokenizer=args.tokenizer,
+            layout=args.text_layout,
+            seq_len=args.seq_len,
+            samples=args.samples or DEFAULT_CALIBRATION_WINDOWS,
+            eval_seq_len=args.eval_seq_len,
+            eval_windows=args.eval_windows,
+            seed=args.seed,
+        ),
     )
     single = len(args.models) == 1
     reports = []

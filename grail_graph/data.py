@@ -49,6 +49,8 @@ class Dataset:
     arrays: dict[str, np.ndarray]
     labels: np.ndarray | None
     source: str
+    text: bool = False
+    """True when the samples are token windows cut from a text, scored by perplexity."""
 
     def __len__(self) -> int:
         return next(iter(self.arrays.values())).shape[0]
@@ -63,7 +65,7 @@ class Dataset:
     def subset(self, start: int, stop: int | None = None) -> Dataset:
         labels = None if self.labels is None else self.labels[start:stop]
         arrays = {name: array[start:stop] for name, array in self.arrays.items()}
-        return Dataset(arrays, labels, self.source)
+        return Dataset(arrays, labels, self.source, self.text)
 
 
 def infer_input_specs(path: str | Path, images: ImageOptions | None = None) -> list[InputSpec]:

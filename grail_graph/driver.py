@@ -18,6 +18,7 @@ from grail_graph.errors import GrailError
 from grail_graph.onnx_frontend.frontend import OnnxFrontEnd
 from grail_graph.torch_models import is_torch_spec, load_torch_model
 from grail_graph.passes import CompressionState, parse_pipeline, print_pipeline, run_pipeline
+from grail_graph.text import TextOptions, load_text_datasets
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +87,41 @@ class JobOptions:
     device: str = "auto"
     show_progress: bool = False
     verify_each: bool = True
+    text: TextOptions = TextOptions()
+    """Text files for language models; they replace `calib` / `eval` when given."""
 
 
-def _load_data(options: JobOptions, specs: list[InputSpec]) -> tuple[Dataset | None, Dataset | None, str]:
+def _tokenizer(options: JobOptions, model_folder: Path | None, model_file: str | None):
+    """Load the tokenizer from --tokenizer, else from the `hf:` model's own folder."""
+    from grail_graph.hf_models import load_tokenizer
+
+    if options.text.tokenizer is not None:
+        return load_tokenizer(options.text.tokenizer)
+    if model_folder is None:
+        raise GrailError("text data needs a tokenizer", "Pass --tokenizer DIR with the model's tokenizer files.")
+    return load_tokenizer(model_folder, model_file)
+
+
+def _load_data(
+    options: JobOptions, specs: list[InputSpec], tokenizer_source: tuple[Path | None, str | None] = (None, None)
+) -> tuple[Dataset | None, Dataset | None, str]:
     """Load calibration and evaluation data; hold out calibration samples only for validate."""
     validates = any(instance.name == "validate" for instance in parse_pipeline(options.pipeline))
-    calibration = None if options.calib is None else load_dataset(options.calib, specs, options.images, "calibration")
+    text = options.text
+    if text.calib_text is not None and options.calib is not None:
+        raise GrailError("both --calib and --calib-text were given", "Pass one source of calibration data.")
+    if text.eval_text is not None and options.eval is not None:
+        raise GrailError("both --eval and --eval-text were given", "Pass one source of evaluation data.")
+    text_calibration = text_evaluation = None
+    if text.calib_text is not None or text.eval_text is not None:
+        tokenizer = _tokenizer(options, *tokenizer_source)
+        text_calibration, text_evaluation = load_text_datasets(text, specs, tokenizer)
+    calibration = text_calibration
+    if options.calib is not None:
+        calibration = load_dataset(options.calib, specs, options.images, "calibration")
+    if text_evaluation is not None:
+        windows = f"{len(text_evaluation)} windows of {text.eval_seq_len} tokens"
+        return calibration, text_evaluation, f"{windows} from {text.eval_text}"
     if options.eval is not None:
         evaluation = load_dataset(options.eval, specs, options.images, "evaluation")
         return calibration, evaluation, f"{len(evaluation)} samples from {options.eval}"
@@ -122,15 +152,17 @@ def _open_torch(spec: str, options: JobOptions, folder: Path):
     if loaded.input_specs is None and source is None:
         raise GrailError(f"the inputs of {spec} are unknown", "Pass --calib data keyed by input name.")
     specs = loaded.input_specs or infer_input_specs(source, options.images)
-    calibration, evaluation, note = _load_data(options, specs)
+    calibration, evaluation, note = _load_data(options, specs, (loaded.tokenizer_dir, loaded.tokenizer_file))
     data = calibration if calibration is not None else evaluation
     if data is None:
-        raise GrailError(f"compressing {spec} needs example inputs", "Pass --calib data.")
+        raise GrailError(f"compressing {spec} needs example inputs", "Pass --calib data, or --calib-text for a language model.")
     example = next(data.subset(0, 2).batches(2))
     names = [input_spec.name for input_spec in specs]
-    frontend = FxFrontEnd(loaded.module, example, options.device, input_names=names)
+    # Dynamic dimensions beyond the batch axis, such as the sequence axis of token ids.
+    dynamic = [tuple(axis for axis, size in enumerate(s.shape) if axis > 0 and size is None) for s in specs]
+    frontend = FxFrontEnd(loaded.module, example, options.device, input_names=names, dynamic_axes=dynamic)
     reference = folder / "reference.onnx"
-    export_onnx(frontend.model, frontend.example_tensors(), reference, input_names=names)
+    export_onnx(frontend.model, frontend.example_tensors(), reference, input_names=names, dynamic_axes=dynamic)
     return frontend, calibration, evaluation, note, str(reference)
 
 

@@ -23,7 +23,16 @@ def format_validation(validation: dict[str, Any]) -> list[str]:
         lines.append(
             f"    accuracy {_percent(validation['accuracy_before'])} -> {_percent(validation['accuracy_after'])}"
         )
-    numerics = [f"cosine similarity {validation['cosine_similarity']:.4f}"]
+    if "perplexity_before" in validation:
+        lines.append(
+            f"    perplexity {validation['perplexity_before']:.3f} -> {validation['perplexity_after']:.3f} "
+            f"({validation['tokens_scored']:,} tokens)"
+        )
+    numerics = []
+    if "cosine_similarity" in validation:
+        numerics.append(f"cosine similarity {validation['cosine_similarity']:.4f}")
+    if "embedding_cosine" in validation:
+        numerics.append(f"mean-pooled embedding cosine {validation['embedding_cosine']:.4f}")
     if "top1_agreement" in validation:
         numerics.append(f"top-1 agreement {_percent(validation['top1_agreement'])}")
     numerics.append(f"max abs error {validation['max_abs_error']:.4g}")

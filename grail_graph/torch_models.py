@@ -1,7 +1,7 @@
-"""PyTorch model specs on the command line: `timm:NAME`, saved modules, exported programs.
+"""PyTorch model specs on the command line: `timm:NAME`, `hf:DIR`, saved modules, exported programs.
 
-torch and timm are imported only when such a spec is used, so ONNX-only installs work
-without them.
+torch, timm and transformers are imported only when such a spec is used, so ONNX-only
+installs work without them.
 """
 
 from __future__ import annotations
@@ -15,20 +15,23 @@ from grail_graph.data import InputSpec
 from grail_graph.errors import GrailError, UnsupportedModelError
 
 TIMM_PREFIX = "timm:"
+HF_PREFIX = "hf:"
 MODULE_SUFFIXES = (".pt", ".pth")
 PROGRAM_SUFFIX = ".pt2"
 
 
 def is_torch_spec(spec: str | os.PathLike) -> bool:
     text = str(spec)
-    return text.startswith(TIMM_PREFIX) or text.endswith(MODULE_SUFFIXES) or text.endswith(PROGRAM_SUFFIX)
+    return text.startswith((TIMM_PREFIX, HF_PREFIX)) or text.endswith(MODULE_SUFFIXES) or text.endswith(PROGRAM_SUFFIX)
 
 
 def spec_stem(spec: str | os.PathLike) -> str:
-    """Return a file-name stem for a spec: `timm:resnet18` -> `resnet18`."""
+    """Return a file-name stem for a spec: `timm:resnet18` -> `resnet18`, `hf:models/smollm2/` -> `smollm2`."""
     text = str(spec)
     if text.startswith(TIMM_PREFIX):
         return text[len(TIMM_PREFIX) :].replace("/", "_")
+    if text.startswith(HF_PREFIX):
+        return Path(text[len(HF_PREFIX) :]).resolve().name
     return Path(text).name.split(".")[0]
 
 
@@ -38,6 +41,10 @@ class TorchModel:
 
     module: object  # torch.nn.Module
     input_specs: list[InputSpec] | None
+    tokenizer_dir: Path | None = None
+    """Folder whose tokenizer turns text into the model's input ids (Hugging Face models)."""
+    tokenizer_file: str | None = None
+    """GGUF file in `tokenizer_dir` that carries the tokenizer, if any."""
 
 
 @contextlib.contextmanager
@@ -89,10 +96,14 @@ def load_timm(name: str, weights: Path | None = None, random_weights: bool = Fal
 
 
 def load_torch_model(spec: str, weights: Path | None = None, random_weights: bool = False) -> TorchModel:
-    """Load a `timm:NAME` spec, a saved nn.Module (.pt, .pth) or an ExportedProgram (.pt2)."""
+    """Load a `timm:NAME` or `hf:DIR` spec, a saved nn.Module (.pt, .pth) or an ExportedProgram (.pt2)."""
     text = str(spec)
     if text.startswith(TIMM_PREFIX):
         return load_timm(text[len(TIMM_PREFIX) :], weights, random_weights)
+    if text.startswith(HF_PREFIX):
+        from grail_graph.hf_models import load_hf
+
+        return load_hf(Path(text[len(HF_PREFIX) :]))
     import torch
 
     path = Path(text)

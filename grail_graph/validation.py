@@ -18,6 +18,7 @@ import onnxruntime as ort
 from tqdm import tqdm
 
 from grail_graph.data import Dataset
+from grail_graph.text import next_token_nll
 
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
@@ -115,6 +116,62 @@ def measure_latency(paths: list[Path], sample: dict[str, np.ndarray], providers:
     return [statistics.median(t) for t in times]
 
 
+# Largest logits block held per model while scoring token windows, in bytes.
+TOKEN_BATCH_BYTES = 1 << 28
+
+
+def validate_tokens(reference: ort.InferenceSession, candidate: ort.InferenceSession, data: Dataset) -> dict[str, Any]:
+    """Compare two language models on token windows, one block of windows at a time.
+
+    When the first output has a last axis that every token id indexes, it is read as
+    next-token logits and the report gives the perplexity of both models (exp of the mean
+    negative log-likelihood over all predicted positions, each window scored on its own).
+    Otherwise the output is a sequence of hidden states, and the report gives the cosine
+    similarity of their mean over positions, per window, as a sentence embedding.
+    """
+    ids_name = next(name for name, array in data.arrays.items() if name not in ("attention_mask", "token_type_ids"))
+    ids = data.arrays[ids_name]
+    first = reference.run(None, next(data.subset(0, 1).batches(1)))[0]
+    batch_size = max(1, TOKEN_BATCH_BYTES // max(first.nbytes, 1))
+    logits = first.ndim == 3 and int(ids.max()) < first.shape[-1]
+
+    totals = {"nll_before": 0.0, "nll_after": 0.0, "agree": 0, "positions": 0, "max_abs": 0.0, "diff2": 0.0, "ref2": 0.0}
+    cosines = []
+    for start in range(0, len(data), batch_size):
+        batch = next(data.subset(start, start + batch_size).batches(batch_size))
+        before = reference.run(None, batch)[0].astype(np.float64)
+        after = candidate.run(None, batch)[0].astype(np.float64)
+        diff = after - before
+        totals["max_abs"] = max(totals["max_abs"], float(np.abs(diff).max()))
+        totals["diff2"] += float((diff**2).sum())
+        totals["ref2"] += float((before**2).sum())
+        if logits:
+            window_ids = batch[ids_name]
+            totals["nll_before"] += next_token_nll(before, window_ids)
+            totals["nll_after"] += next_token_nll(after, window_ids)
+            totals["agree"] += int((before.argmax(-1) == after.argmax(-1)).sum())
+            totals["positions"] += before.shape[0] * before.shape[1]
+        else:
+            pooled_before, pooled_after = before.mean(axis=1), after.mean(axis=1)
+            norms = np.linalg.norm(pooled_before, axis=-1) * np.linalg.norm(pooled_after, axis=-1)
+            cosines.extend(((pooled_before * pooled_after).sum(-1) / np.maximum(norms, 1e-30)).tolist())
+
+    report: dict[str, Any] = {
+        "samples": len(data),
+        "max_abs_error": totals["max_abs"],
+        "relative_error": float(np.sqrt(totals["diff2"] / max(totals["ref2"], 1e-30))),
+    }
+    if logits:
+        predicted = len(data) * (ids.shape[1] - 1)
+        report["perplexity_before"] = float(np.exp(totals["nll_before"] / predicted))
+        report["perplexity_after"] = float(np.exp(totals["nll_after"] / predicted))
+        report["top1_agreement"] = totals["agree"] / totals["positions"]
+        report["tokens_scored"] = predicted
+    else:
+        report["embedding_cosine"] = float(np.mean(cosines))
+    return report
+
+
 def validate(
     reference: str | Path,
     candidate: str | Path,
@@ -126,6 +183,12 @@ def validate(
     show_progress: bool = False,
 ) -> dict[str, Any]:
     """Compare two models on `data`; return numerics, cost and latency for both."""
+    if data.text:
+        report = validate_tokens(_session(reference, providers), _session(candidate, providers), data)
+        report["before"] = model_cost(reference)
+        report["after"] = model_cost(candidate)
+        _add_latency(report, reference, candidate, data, providers, latency_runs)
+        return report
     ref_outputs = _outputs(_session(reference, providers), data, batch_size, show_progress)
     cand_outputs = _outputs(_session(candidate, providers), data, batch_size, show_progress)
     report: dict[str, Any] = {"samples": len(data)}
@@ -136,9 +199,13 @@ def validate(
         )
     report["before"] = model_cost(reference)
     report["after"] = model_cost(candidate)
-    if latency_runs > 0:
+    _add_latency(report, reference, candidate, data, providers, latency_runs)
+    return report
+
+
+def _add_latency(report: dict[str, Any], reference, candidate, data: Dataset, providers: list[str], runs: int) -> None:
+    if runs > 0:
         sample = next(data.subset(0, 1).batches(1))
-        before, after = measure_latency([Path(reference), Path(candidate)], sample, providers, latency_runs)
+        before, after = measure_latency([Path(reference), Path(candidate)], sample, providers, runs)
         report["before"]["latency_ms"] = before
         report["after"]["latency_ms"] = after
-    return report

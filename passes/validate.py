@@ -44,5 +44,8 @@ class Validate(Pass):
                 latency_runs=self.options.latency_runs,
                 show_progress=state.show_progress,
             )
-        keys = ("max_abs_error", "cosine_similarity", "top1_agreement", "accuracy_before", "accuracy_after")
+        keys = (
+            "max_abs_error", "cosine_similarity", "top1_agreement", "accuracy_before", "accuracy_after",
+            "perplexity_before", "perplexity_after", "embedding_cosine",
+        )  # fmt: skip
         return PassResult(False, {key: state.validation[key] for key in keys if key in state.validation})

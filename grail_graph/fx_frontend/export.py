@@ -37,6 +37,7 @@ def export_onnx(
     opset: int = 18,
     tolerance: float | None = EXPORT_TOLERANCE,
     dynamic_batch: bool = True,
+    dynamic_axes: Sequence[Sequence[int]] | None = None,
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Export `model` to one ONNX file at `path`, then compare it with eager PyTorch.
@@ -44,14 +45,25 @@ def export_onnx(
     The model is exported with torch's default (torch.export-based) exporter, a dynamic
     batch dimension, and constants folded. With `tolerance`, the max-abs difference between
     ONNX Runtime's and eager PyTorch's outputs on `example_inputs` must be at most
-    tolerance * max(1, max |output|), else GrailError. `metadata` goes into the model's
-    metadata_props. The file is written atomically.
+    tolerance * max(1, max |output|), else GrailError. `dynamic_axes` lists, per input,
+    further dynamic axes (such as the sequence axis of token ids); an axis index names one
+    dimension shared by all inputs. `metadata` goes into the model's metadata_props. The
+    file is written atomically.
     """
     inputs = _as_tuple(example_inputs)
     names = list(input_names) if input_names else [f"input_{i}" if len(inputs) > 1 else "input" for i in range(len(inputs))]
     model = model.eval()
     batch = torch.export.Dim("batch") if dynamic_batch and inputs[0].shape[0] > 1 else None
-    dynamic_shapes = tuple({0: batch} if batch is not None else None for _ in inputs)
+    dimensions: dict[int, object] = {}
+    dynamic_shapes = []
+    for index, tensor in enumerate(inputs):
+        axes = {0: batch} if batch is not None else {}
+        for axis in dynamic_axes[index] if dynamic_axes else ():
+            # torch.export specialises sizes 0 and 1, so such an example cannot make an axis dynamic.
+            if axis > 0 and tensor.shape[axis] > 1:
+                axes[axis] = dimensions.setdefault(axis, torch.export.Dim(f"dim{axis}"))
+        dynamic_shapes.append(axes or None)
+    dynamic_shapes = tuple(dynamic_shapes)
     try:
         with torch.no_grad():
             program = torch.onnx.export(
