@@ -37,6 +37,9 @@ class CompressionState:
     stats: dict[str, GramAccumulator] = field(default_factory=dict)
     crosses: dict[str, CrossAccumulator] = field(default_factory=dict)
     """Cross products of the original model's taps with the compressed model's, per group."""
+    heldout_stats: dict[str, GramAccumulator] = field(default_factory=dict)
+    heldout_crosses: dict[str, CrossAccumulator] = field(default_factory=dict)
+    """Statistics of the held-out calibration samples (calibrate{holdout}), which only judge compensation."""
     active: list[ChannelGroup] | None = None
     """The groups the group-wise passes work on now; None means all of them."""
     widths: dict[str, int] = field(default_factory=dict)

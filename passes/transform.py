@@ -10,6 +10,8 @@ from tqdm import tqdm
 
 from grail_graph.core import (
     SELECTORS,
+    HeldOutMoments,
+    compensation_gain,
     averaging_matrix,
     cluster_channels,
     fold_features,
@@ -24,6 +26,7 @@ from grail_graph.core import (
     slice_map,
 )
 from grail_graph.core.selectors import select_units
+from grail_graph.errors import GrailError
 from grail_graph.frontend import GroupPlan
 from grail_graph.groups import BIAS, BN_ROLES
 from grail_graph.passes.base import CompressionState, NoOptions, Pass, PassResult, register
@@ -74,9 +77,19 @@ class CalibrateOptions:
         },
     )
 
+    holdout: float = field(
+        default=0.0,
+        metadata={
+            "help": "fraction of the calibration samples, taken from the end, whose statistics are kept apart "
+            "to judge compensation (compensate{fallback=true}); 0 keeps none"
+        },
+    )
+
     def __post_init__(self) -> None:
         if self.statistics not in STATISTICS:
             raise ValueError(f"statistics {self.statistics!r} is not one of {', '.join(STATISTICS)}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must lie in [0, 1), got {self.holdout}")
         if self.batch_size < 1:
             raise ValueError(f"batch-size must be >= 1, got {self.batch_size}")
         if self.samples < 0:
@@ -95,16 +108,33 @@ class Calibrate(Pass):
         if self.options.samples:
             data = data.subset(0, self.options.samples)
         groups = state.current_groups
-        batches = data.batches(self.options.batch_size)
+        held_out = int(len(data) * self.options.holdout)
+        if self.options.holdout and not 0 < held_out < len(data):
+            raise GrailError(
+                f"calibrate{{holdout={self.options.holdout}}} splits {len(data)} samples into "
+                f"{len(data) - held_out} to fit and {held_out} held out",
+                "Both parts need samples: pass more calibration samples or change the holdout fraction.",
+            )
+        fit = data.subset(0, len(data) - held_out) if held_out else data
         with tqdm(total=len(data), unit="sample", desc="calibrate", disable=not state.show_progress) as bar:
-            if self.options.statistics == "oneshot":
-                state.stats.update(state.frontend.calibrate(groups, batches, bar.update))
-            else:
-                stats, crosses = state.frontend.calibrate_with_reference(groups, batches, bar.update)
-                state.stats.update(stats)
-                if self.options.statistics == "cross":
-                    state.crosses.update(crosses)
-        return PassResult(False, {"samples": len(data), "groups": len(state.stats), "statistics": self.options.statistics})
+            self._record(state, groups, fit, state.stats, state.crosses, bar.update)
+            if held_out:
+                held = data.subset(len(data) - held_out)
+                self._record(state, groups, held, state.heldout_stats, state.heldout_crosses, bar.update)
+        statistics = {"samples": len(fit), "groups": len(state.stats), "statistics": self.options.statistics}
+        if held_out:
+            statistics["held_out_samples"] = len(data) - len(fit)
+        return PassResult(False, statistics)
+
+    def _record(self, state: CompressionState, groups, data, stats: dict, crosses: dict, progress) -> None:
+        batches = data.batches(self.options.batch_size)
+        if self.options.statistics == "oneshot":
+            stats.update(state.frontend.calibrate(groups, batches, progress))
+            return
+        recorded, recorded_crosses = state.frontend.calibrate_with_reference(groups, batches, progress)
+        stats.update(recorded)
+        if self.options.statistics == "cross":
+            crosses.update(recorded_crosses)
 
 
 @dataclass(frozen=True)
@@ -240,6 +270,13 @@ class CompensateOptions:
     affine: bool = field(
         default=False, metadata={"help": "also fit a constant, absorbed into the consumer bias"}
     )
+    fallback: bool = field(
+        default=False,
+        metadata={
+            "help": "slice a group without compensation when compensation does not lower its output error on "
+            "the held-out calibration statistics (needs calibrate{holdout})"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in COMPENSATIONS:
@@ -262,12 +299,21 @@ class Compensate(Pass):
             "Run 'calibrate' before 'compensate', or use compensate{method=none}.",
         )  # fmt: skip
         state.require("a selection", bool(state.keeps) or not state.groups, self.name, "Run 'select' first.")
+        if options.fallback:
+            state.require(
+                "held-out statistics", bool(state.heldout_stats) or not state.groups, self.name,
+                "Use calibrate{holdout=0.1} (any fraction above 0) before compensate{fallback=true}.",
+            )  # fmt: skip
         errors_sliced, errors_final = [], []
+        fallbacks = 0
         for group in state.current_groups:
             keep = state.keeps[group.name]
             if len(keep) == group.width:
                 continue  # nothing removed, so the group stays exactly as it is
             plan = self._plan(state, group, keep)
+            if options.fallback and ridge and group.name not in state.folds and self._falls_back(state, group, plan):
+                plan = GroupPlan(group, keep, slice_map(group.width, keep))
+                fallbacks += 1
             stats = state.stats.get(group.name)
             plain = plan.consumer_bias is None and plan.producer_map is None
             if stats is not None and group.name not in state.crosses and plain:
@@ -279,10 +325,34 @@ class Compensate(Pass):
                 errors_final.append(final)
             state.plans[group.name] = plan
         statistics = {"groups": len(state.plans), "method": options.method}
+        if options.fallback:
+            statistics["fallbacks"] = fallbacks
         if errors_final:
             statistics["mean_relative_error_sliced"] = float(np.mean(errors_sliced))
             statistics["mean_relative_error"] = float(np.mean(errors_final))
         return PassResult(False, statistics)
+
+    def _falls_back(self, state: CompressionState, group, plan: GroupPlan) -> bool:
+        """Return True (and note why) when the plan does not beat slicing on the held-out statistics."""
+        keep = plan.keep
+        cross = state.heldout_crosses.get(group.name)
+        if cross is not None:
+            moments = HeldOutMoments(
+                cross.cross[:, keep], cross.source_gram[np.ix_(keep, keep)], cross.target_sums,
+                cross.source_sums[keep], cross.count,
+            )  # fmt: skip
+        else:
+            stats = state.heldout_stats[group.name]
+            gram = stats.gram
+            moments = HeldOutMoments(gram[:, keep], gram[np.ix_(keep, keep)], stats.sums, stats.sums[keep], stats.count)
+        consumers = state.frontend.consumer_weights(group)
+        gain = compensation_gain(consumers, moments, plan.consumer_map, plan.consumer_bias, slice_map(group.width, keep))
+        if gain > 0.0:
+            return False
+        note = "compensation fell back to slicing: it did not lower the held-out output error"
+        state.notes[group.name] = "; ".join(filter(None, [state.notes.get(group.name), note]))
+        logger.info("%s: compensation raised the held-out output error by %.4g; slicing instead", group.name, -gain)
+        return True
 
     def _plan(self, state: CompressionState, group, keep: np.ndarray) -> GroupPlan:
         """Solve B (and the constant c with `affine`) from one-shot or cross statistics."""

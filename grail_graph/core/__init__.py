@@ -17,6 +17,7 @@ from .allocation import (
     flap_scores,
 )
 from .cross import CrossAccumulator, affine_cross_map, cross_map
+from .fallback import HeldOutMoments, compensation_gain, variable_output_error
 from .folding import cluster_channels, fold_features, fold_linear_chain, fold_producer
 from .gram import GramAccumulator
 from .selectors import (
@@ -43,6 +44,9 @@ from .solve import (
 )
 
 __all__ = [
+    "HeldOutMoments",
+    "compensation_gain",
+    "variable_output_error",
     "ALLOCATION_METHODS",
     "SELECTORS",
     "AllocationGroup",
