@@ -17,7 +17,7 @@ from grail_graph.core import CrossAccumulator, GramAccumulator
 from grail_graph.errors import GrailError, UnsupportedModelError
 from grail_graph.frontend import Batch, GroupPlan
 from grail_graph.groups import ChannelGroup, Declined, WeightRef
-from grail_graph.onnx_frontend import calibration, matcher
+from grail_graph.onnx_frontend import calibration, matcher, normalize
 from grail_graph.onnx_frontend.model_io import (
     PROTOBUF_LIMIT_BYTES,
     external_data_files,
@@ -39,6 +39,7 @@ class OnnxFrontEnd:
         self.device = device
         self._nodes: dict[str, ir.Node] | None = None
         self.added_biases: dict[str, WeightRef] = {}
+        normalize.fold_weight_transposes(model.graph)
         NameFixPass()(model)  # the matcher and the group records address nodes by name
         try:
             ShapeInferencePass()(model)

@@ -43,9 +43,20 @@ def constant_array(value: ir.Value | None) -> np.ndarray | None:
     if value.const_value is not None:
         return value.const_value.numpy()
     node = value.producer()
-    if node is not None and node.op_type == "Constant" and "value" in node.attributes:
+    if node is None or node.op_type != "Constant":
+        return None
+    if "value" in node.attributes:
         return node.attributes["value"].as_tensor().numpy()
+    # Exporters without constant folding write shapes and scalars in these attributes.
+    for name, dtype in _CONSTANT_ATTRIBUTES.items():
+        if name in node.attributes:
+            return np.asarray(node.attributes[name].value, dtype=dtype)
     return None
+
+
+_CONSTANT_ATTRIBUTES = {
+    "value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64,
+}  # fmt: skip
 
 
 def _attr(node: ir.Node, name: str, default):
@@ -339,8 +350,8 @@ class GroupMatcher:
     def _add_upstream(self, region: _Region, value: ir.Value, via: ir.Node, operand: ir.Value | None = None) -> None:
         """Join the producers behind `value`, reached only through channel-wise ops.
 
-        `operand` is the input of `via` that the search started from; the reason for a
-        decline names it, and `value` where the search stopped.
+        `operand` is the input of `via` that the search started from. A decline names it
+        and, when the search went further up, the value where it stopped.
         """
         node = value.producer()
         operand = value if operand is None else operand
