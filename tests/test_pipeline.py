@@ -27,7 +27,7 @@ CANONICAL_TEXTS = [
     default_pipeline(),
     default_pipeline(sparsity=0.25, selector="gram", compensation="ridge", alpha=0.01, multiple=8, seed=3),
     default_pipeline(selector="magnitude", compensation="none", validate=False),
-    "find-groups,select{method=random sparsity=0.0 multiple=1 seed=7 heads=kv},compensate{method=none alpha=0.0 affine=false},rewrite",
+    "find-groups,select{method=random sparsity=0.0 multiple=1 seed=7 heads=kv},compensate{method=none alpha=0.0 affine=false fallback=false},rewrite",
     "find-groups",
 ]
 
