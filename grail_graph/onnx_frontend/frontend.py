@@ -46,7 +46,11 @@ class OnnxFrontEnd:
         except Exception as error:  # shape inference is advisory here
             logger.warning("ONNX shape inference failed, continuing without it: %s", error)
         # NOTE: the uncompressed copy doubles the memory held for weights; it serves the
-        # statistics modes that compare against the original model.
+        # statistics modes that compare against the original model. Weights still in the
+        # source's external data file are read into memory first. Otherwise the copy names
+        # that file relative to the source folder, and the calibration model that embeds
+        # the copy is written to another folder, where ONNX Runtime cannot find it.
+        ir.external_data.load_to_model(model)
         self.reference = ir.to_proto(model)
 
     @classmethod
