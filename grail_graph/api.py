@@ -61,6 +61,9 @@ def compress(
     affine: bool = True,
     multiple: int = 1,
     seed: int = 0,
+    head_sparsity: float = 0.0,
+    heads: str = "kv",
+    holdout: float = 0.0,
     pipeline: str | None = None,
     device: str | torch.device | None = "auto",
     verify_each: bool = True,
@@ -72,13 +75,18 @@ def compress(
     Grams are recorded with forward hooks on `calibration_batches` (on the GPU when
     `device` is "auto" and CUDA is available), and the pipeline selects, compensates
     and rewrites. The defaults match the command line: cross statistics with affine
-    compensation; `statistics="oneshot", affine=False` is the method as published. When `report` is a dict, it receives the pipeline text, per-pass
-    statistics and the verdict of every candidate group.
+    compensation; `statistics="oneshot", affine=False` is the method as published.
+    `head_sparsity` removes that fraction of the heads of each attention block (`heads`
+    chooses kv or query mode), and `holdout` keeps that fraction of the calibration
+    batches apart to check each group's compensation. When `report` is a dict, it
+    receives the pipeline text, per-pass statistics and the verdict of every candidate
+    group.
     """
     batches = TensorBatches(calibration_batches)
     text = pipeline or default_pipeline(
         sparsity=sparsity, selector=selector, compensation=compensation, alpha=alpha,
-        statistics=statistics, affine=affine, multiple=multiple, seed=seed, validate=False,
+        statistics=statistics, affine=affine, multiple=multiple, seed=seed, head_sparsity=head_sparsity,
+        heads=heads, holdout=holdout, validate=False,
     )  # fmt: skip
     passes = parse_pipeline(text)
     frontend = FxFrontEnd(model, example_inputs=_first_sample(batches.items[0]), device=device)

@@ -18,7 +18,7 @@ from grail_graph.onnx_frontend.calibration import execution_providers
 from grail_graph.passes import describe_passes, parse_pipeline, print_pipeline
 from grail_graph.core import ALLOCATION_METHODS
 from grail_graph.passes.allocate import BUDGETS
-from grail_graph.passes.transform import COMPENSATIONS, FOLD_METHODS, STATISTICS
+from grail_graph.passes.transform import COMPENSATIONS, FOLD_METHODS, HEAD_MODES, STATISTICS
 from grail_graph.report import format_batch_table, format_summary
 from grail_graph.text import DEFAULT_CALIBRATION_WINDOWS, TEXT_LAYOUTS, TextOptions
 from grail_graph.torch_models import spec_stem
@@ -90,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="uniform: the same sparsity in every group; flap / error: one global budget",
     )  # fmt: skip
     method.add_argument("--budget", choices=BUDGETS, default="params", help="what --sparsity counts with --allocation")
+    method.add_argument(
+        "--heads", type=float, default=0.0,
+        help="fraction of the attention heads removed in each attention block, in [0, 1); 0 keeps every head",
+    )  # fmt: skip
+    method.add_argument(
+        "--head-mode", choices=HEAD_MODES, default="kv",
+        help="kv: remove whole key/value heads with their query heads; query: remove query heads inside every "
+        "key/value group and keep all keys and values",
+    )  # fmt: skip
+    method.add_argument(
+        "--holdout", type=float, default=0.0,
+        help="fraction of the calibration samples kept apart to check each group's compensation; a group whose "
+        "compensation does not lower its output error on them is sliced instead. 0 checks nothing",
+    )  # fmt: skip
     method.add_argument("--multiple", type=int, default=1, help="round kept widths to a multiple of this")
     method.add_argument("--seed", type=int, default=0, help="seed of the random selector")
     method.add_argument(
@@ -125,6 +139,9 @@ def _pipeline_text(args: argparse.Namespace) -> str:
         budget=args.budget,
         multiple=args.multiple,
         seed=args.seed,
+        head_sparsity=args.heads,
+        heads=args.head_mode,
+        holdout=args.holdout,
         batch_size=args.batch_size,
         samples=args.samples,
         validate=not args.no_validate,
@@ -179,6 +196,10 @@ def write_json(path: Path, content: Any) -> None:
 def _check_options(args: argparse.Namespace) -> None:
     if not 0.0 <= args.sparsity < 1.0:
         raise GrailError(f"--sparsity {args.sparsity} is outside [0, 1)", "Pass a fraction such as 0.3.")
+    if not 0.0 <= args.heads < 1.0:
+        raise GrailError(f"--heads {args.heads} is outside [0, 1)", "Pass a fraction of heads such as 0.25.")
+    if not 0.0 <= args.holdout < 1.0:
+        raise GrailError(f"--holdout {args.holdout} is outside [0, 1)", "Pass a fraction such as 0.1, or 0 to check nothing.")
     if args.image_size is not None and args.image_size < 1:
         raise GrailError(f"--image-size {args.image_size} must be a positive number of pixels")
     if len(args.mean) != len(args.std):

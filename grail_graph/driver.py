@@ -45,6 +45,9 @@ def default_pipeline(
     budget: str = "params",
     multiple: int = 1,
     seed: int = 0,
+    head_sparsity: float = 0.0,
+    heads: str = "kv",
+    holdout: float = 0.0,
     batch_size: int = 64,
     samples: int = 0,
     validate: bool = True,
@@ -58,15 +61,23 @@ def default_pipeline(
     ridge = compensation == "ridge"
     needs_stats = ridge or selector in ("wanda", "gram") or allocation != "uniform" or budget == "macs"
     parts = ["find-groups"]
-    oneshot = f"calibrate{{batch-size={batch_size} samples={samples} statistics=oneshot}}"
+    calibrate = f"calibrate{{batch-size={batch_size} samples={samples} statistics=oneshot holdout={holdout!r}}}"
+    oneshot = calibrate
     if allocation != "uniform":
         parts += [oneshot, f"allocate{{method={allocation} sparsity={sparsity!r} budget={budget} alpha={alpha!r}}}"]
     if needs_stats and (ridge and statistics != "oneshot"):
-        parts.append(f"calibrate{{batch-size={batch_size} samples={samples} statistics={statistics}}}")
+        parts.append(f"calibrate{{batch-size={batch_size} samples={samples} statistics={statistics} holdout={holdout!r}}}")
     elif needs_stats and allocation == "uniform":
         parts.append(oneshot)
-    parts.append(f"select{{method={selector} sparsity={sparsity!r} multiple={multiple} seed={seed}}}")
-    parts.append(f"compensate{{method={compensation} alpha={alpha!r} affine={'true' if affine and ridge else 'false'}}}")
+    parts.append(
+        f"select{{method={selector} sparsity={sparsity!r} multiple={multiple} seed={seed} "
+        f"head-sparsity={head_sparsity!r} heads={heads}}}"
+    )
+    fallback = "true" if ridge and holdout > 0 else "false"
+    parts.append(
+        f"compensate{{method={compensation} alpha={alpha!r} affine={'true' if affine and ridge else 'false'} "
+        f"fallback={fallback}}}"
+    )
     parts.append("rewrite")
     if validate:
         parts.append(f"validate{{batch-size={batch_size} latency-runs={latency_runs}}}")

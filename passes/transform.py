@@ -145,6 +145,10 @@ class SelectOptions:
     sparsity: float = field(default=0.5, metadata={"help": "fraction of each group's channels removed, in [0, 1)"})
     multiple: int = field(default=1, metadata={"help": "round kept widths to a multiple of this"})
     seed: int = field(default=0, metadata={"help": "seed of the random selector"})
+    head_sparsity: float = field(
+        default=0.0,
+        metadata={"help": "fraction of the heads removed in each attention-head group, in [0, 1); 0 keeps every head"},
+    )
     heads: str = field(
         default="kv",
         metadata={
@@ -160,6 +164,8 @@ class SelectOptions:
             raise ValueError(f"method {self.method!r} is not one of {', '.join(SELECTORS + FOLD_METHODS)}")
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(f"sparsity must lie in [0, 1), got {self.sparsity}")
+        if not 0.0 <= self.head_sparsity < 1.0:
+            raise ValueError(f"head-sparsity must lie in [0, 1), got {self.head_sparsity}")
         if self.multiple < 1:
             raise ValueError(f"multiple must be >= 1, got {self.multiple}")
 
@@ -219,10 +225,10 @@ class Select(Pass):
             unit, blocks, per_block = group.unit, group.kv_heads, group_size
         width = state.widths.get(group.name)
         if width is None:
-            kept = kept_width(per_block, options.sparsity)
+            kept = kept_width(per_block, options.head_sparsity)
         else:
             kept = min(max(round(width / (unit * blocks)), 1), per_block)
-        if options.heads == "kv" and group.kv_heads == 1 and options.sparsity > 0:
+        if options.heads == "kv" and group.kv_heads == 1 and options.head_sparsity > 0:
             state.notes[group.name] = "one key/value head, so heads=kv keeps every head; select{heads=query} removes query heads"
         method = options.method
         if method in FOLD_METHODS:

@@ -100,7 +100,7 @@ def zeroed_heads_output(model: nn.Module, consumers: dict[str, list[int]], heads
 
 
 def pipeline(heads: str, sparsity: float = 0.5) -> str:
-    return f"select{{method=magnitude sparsity={sparsity} heads={heads}}},compensate{{method=none}},rewrite"
+    return f"select{{method=magnitude head-sparsity={sparsity} heads={heads}}},compensate{{method=none}},rewrite"
 
 
 def compress_heads(model: nn.Module, batches, text: str) -> nn.Module:
@@ -329,7 +329,7 @@ def test_compensated_heads_trace_again(statistics: str):
     model = tiny_llama()
     batches = token_batches()
     text = (
-        f"find-groups,calibrate{{statistics={statistics}}},select{{method=gram sparsity=0.5 heads=query}},"
+        f"find-groups,calibrate{{statistics={statistics}}},select{{method=gram head-sparsity=0.5 heads=query}},"
         "compensate{method=ridge alpha=0.001 affine=true},rewrite"
     )
 
@@ -394,7 +394,7 @@ def test_smollm2_head_groups():
     assert not any(item.candidate.endswith(("q_proj", "k_proj", "v_proj")) for item in declined)
 
     batches = [{"input_ids": torch.randint(0, 1000, (1, SEQUENCE), generator=torch.Generator().manual_seed(1))}]
-    text = "find-groups,calibrate{statistics=oneshot},select{method=wanda sparsity=0.25 heads=query},compensate,rewrite"
+    text = "find-groups,calibrate{statistics=oneshot},select{method=wanda head-sparsity=0.25 heads=query},compensate,rewrite"
     state = CompressionState(frontend=frontend, calibration=TensorBatches(batches))
     run_pipeline(parse_pipeline(text), state)
     compressed = frontend.model
