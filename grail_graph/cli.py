@@ -196,6 +196,11 @@ def write_json(path: Path, content: Any) -> None:
 def _check_options(args: argparse.Namespace) -> None:
     if not 0.0 <= args.sparsity < 1.0:
         raise GrailError(f"--sparsity {args.sparsity} is outside [0, 1)", "Pass a fraction such as 0.3.")
+    if args.budget != "params" and args.allocation == "uniform" and not args.pipeline:
+        raise GrailError(
+            f"--budget {args.budget} applies only to a global allocation",
+            "Add --allocation flap or --allocation error, or drop --budget.",
+        )
     if not 0.0 <= args.heads < 1.0:
         raise GrailError(f"--heads {args.heads} is outside [0, 1)", "Pass a fraction of heads such as 0.25.")
     if not 0.0 <= args.holdout < 1.0:

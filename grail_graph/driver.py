@@ -177,6 +177,22 @@ def _open_torch(spec: str, options: JobOptions, folder: Path):
     return frontend, calibration, evaluation, note, str(reference)
 
 
+def _check_order(passes) -> None:
+    """Reject a pipeline that would write the model unchanged because a pass comes too late."""
+    names = [instance.name for instance in passes]
+    for earlier, later in (("find-groups", "select"), ("find-groups", "rewrite"), ("select", "rewrite")):
+        if later in names and (earlier not in names or names.index(earlier) > names.index(later)):
+            raise GrailError(
+                f"pass '{later}' runs before any '{earlier}' in the pipeline {','.join(names)}",
+                f"Put '{earlier}' before '{later}', as in `grail-opt --print-pipeline`.",
+            )
+    if "rewrite" not in names:
+        raise GrailError(
+            f"the pipeline {','.join(names)} has no 'rewrite' pass, so the written model would be unchanged",
+            "End the pipeline with 'rewrite' (and optionally 'validate').",
+        )
+
+
 def compress_file(model_spec: str | Path, output_path: str | Path, options: JobOptions) -> dict[str, Any]:
     """Compress one model, write the result atomically and return the report.
 
@@ -190,6 +206,7 @@ def compress_file(model_spec: str | Path, output_path: str | Path, options: JobO
     if output_path.is_dir():
         raise GrailError(f"output path {str(output_path)!r} is a folder", "Give a file name such as small.onnx.")
     passes = parse_pipeline(options.pipeline)
+    _check_order(passes)
     with tempfile.TemporaryDirectory(prefix="grail-job-") as folder:
         if torch_model:
             opened = _open_torch(str(model_spec), options, Path(folder))

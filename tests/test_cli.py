@@ -583,3 +583,25 @@ def test_empty_model_file_is_invalid(tmp_path, capsys):
 
     assert code == 2
     assert "is not a valid ONNX model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "fragment"),
+    [
+        ("rewrite,find-groups", "'rewrite' runs before any 'find-groups'"),
+        ("find-groups,calibrate", "has no 'rewrite' pass"),
+        ("find-groups,rewrite,select", "'rewrite' runs before any 'select'"),
+    ],
+)
+def test_pipeline_order_rejected(tmp_path: Path, pipeline: str, fragment: str, capsys) -> None:
+    output = tmp_path / "out.onnx"
+    code = main([str(RESNET), "--calib", str(CALIB), "--pipeline", pipeline, "-o", str(output)])
+    assert code == 2
+    assert fragment in capsys.readouterr().err
+    assert not output.exists()
+
+
+def test_budget_without_allocation_rejected(tmp_path: Path, capsys) -> None:
+    code = main([str(RESNET), "--calib", str(CALIB), "--budget", "macs", "-o", str(tmp_path / "out.onnx")])
+    assert code == 2
+    assert "--budget macs applies only to a global allocation" in capsys.readouterr().err
