@@ -160,13 +160,18 @@ def run_pipeline(passes: list[Pass], state: CompressionState, verify_each: bool 
     group-wise segment (see `_groupwise_segment`) run once per group; their record sums
     the time and keeps the statistics of the last run.
     """
-    segment = _groupwise_segment(passes) or (len(passes), len(passes))
+    groupwise = _groupwise_segment(passes)
+    segment = groupwise or (len(passes), len(passes))
     records = [_run_one(instance, state, verify_each, None) for instance in passes[: segment[0]]]
     grouped: list[dict[str, Any] | None] = [None] * (segment[1] - segment[0])
-    for group in state.groups:
+    for group in state.groups if groupwise else ():
         state.active = [group]
         for index, instance in enumerate(passes[segment[0] : segment[1]]):
             grouped[index] = _run_one(instance, state, verify_each, grouped[index])
+        # The group is rewritten, so its statistics are no longer needed: freeing them
+        # keeps one group's Gram (H x H float64) in memory instead of all of them.
+        for statistics in (state.stats, state.crosses, state.heldout_stats, state.heldout_crosses):
+            statistics.pop(group.name, None)
     state.active = None
     records.extend(record for record in grouped if record is not None)
     records.extend(_run_one(instance, state, verify_each, None) for instance in passes[segment[1] :])

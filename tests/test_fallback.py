@@ -120,3 +120,14 @@ def test_fallback_without_holdout_rejected(tmp_path):
     text = "find-groups,calibrate,select{method=wanda sparsity=0.5},compensate{fallback=true},rewrite"
     with pytest.raises(GrailError, match="holdout"):
         run_gemm_pipeline(tmp_path, text, gemm_inputs(64, 0))
+
+
+def test_groupwise_pipeline_frees_statistics(tmp_path):
+    text = "find-groups,calibrate{statistics=cross holdout=0.25},select{sparsity=0.5},compensate{fallback=true},rewrite"
+    state = run_gemm_pipeline(tmp_path, text, gemm_inputs(200, 0))
+
+    assert state.verdicts[state.groups[0].name].startswith("compressed")
+    assert state.stats == {}
+    assert state.crosses == {}
+    assert state.heldout_stats == {}
+    assert state.heldout_crosses == {}
