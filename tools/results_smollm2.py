@@ -107,20 +107,20 @@ ROWS = [
     mlp(0.2, "wanda", "none"),
     mlp(0.2, "wanda", "0"),
     mlp(0.2, "wanda", "1e-3"),
-    mlp(0.3, "wanda", "none"),
-    mlp(0.3, "wanda", "0"),
-    mlp(0.2, "magnitude", "none"),
-    mlp(0.2, "magnitude", "0"),
     mlp(0.2, "gram", "0"),
     mlp(0.2, "wanda", "0/affine"),
     mlp(0.2, "wanda", "0", allocation="flap"),
-    mlp(0.2, "wanda", "0", allocation="error"),
     heads(0.33, "kv", "none"),
     heads(0.33, "kv", "0"),
     heads(0.33, "query", "none"),
     heads(0.33, "query", "0"),
+    mlp(0.3, "wanda", "none"),
+    mlp(0.3, "wanda", "0"),
     mlp(0.3, "gram", "0"),
     mlp(0.3, "wanda", "0", allocation="flap"),
+    mlp(0.2, "magnitude", "none"),
+    mlp(0.2, "magnitude", "0"),
+    mlp(0.2, "wanda", "0", allocation="error"),
 ]
 
 
@@ -184,11 +184,33 @@ def run_row(row: Row, base: FxFrontEnd, groups, stats, batches, evaluation: np.n
     }
 
 
+ONNX_CHECK_LABEL = "MLP 20%, wanda, ridge alpha=0"
+
+
+def onnx_check(base: FxFrontEnd, groups, stats, batches, evaluation: np.ndarray, folder: Path) -> dict:
+    """Compress the ONNX_CHECK_LABEL row again, export it, and score it in ONNX Runtime and PyTorch."""
+    from grail_graph.text import onnx_logits
+
+    row = next(row for row in ROWS if row.label == ONNX_CHECK_LABEL)
+    frontend = copy.deepcopy(base)
+    chosen = [group for group in groups if bool(group.kv_heads) == row.heads]
+    state = CompressionState(frontend=frontend, calibration=batches, device="cpu", groups=chosen, stats=dict(stats))
+    run_pipeline(parse_pipeline(row.passes), state, verify_each=False)
+    path = folder / "mlp20-ridge.onnx"
+    frontend.dynamic_axes = [(1,)]
+    frontend.save(path)
+    in_torch = perplexity(torch_logits(frontend.model), evaluation).value
+    in_onnx = perplexity(onnx_logits(path), evaluation).value
+    return {"label": row.label, "torch": in_torch, "onnx": in_onnx, "bytes": path.stat().st_size}
+
+
 def format_page(store: Store, facts: dict, command: str, dense_parameters: int) -> str:
     results = store.results
     dense = results["dense"]
     rows = []
     for label, result in results.items():
+        if label == "onnx check":
+            continue
         earlier = EARLIER.get(label)
         shown_earlier = "-" if earlier is None else f"{earlier:,.2f}"
         if label == "dense":
@@ -232,6 +254,16 @@ def format_page(store: Store, facts: dict, command: str, dense_parameters: int) 
         markdown_table(["model", "perplexity", "earlier run", "parameters", "kept", "compress time"], rows),
         "",
     ]
+    check = store.results.get("onnx check")
+    if check is not None:
+        lines += [
+            "## ONNX Runtime",
+            "",
+            f"The `{check['label']}` model, exported to ONNX ({check['bytes'] / 1e6:.0f} MB) by the front end's "
+            f"save, scores perplexity {check['onnx']:.4f} in ONNX Runtime and {check['torch']:.4f} in eager "
+            "PyTorch on the same windows.",
+            "",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -241,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("out/smollm2"), help="folder for stored results")
     parser.add_argument("--data-dir", type=Path, help=f"data root (default: ${DATA_DIR_ENV} or ../shared/data)")
     parser.add_argument("--rows", type=int, default=len(ROWS), help="measure only the first N rows of the table")
+    parser.add_argument(
+        "--onnx-check", action="store_true", help=f"also export the `{ONNX_CHECK_LABEL}` model and score it in ONNX Runtime"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logger.setLevel(logging.INFO)
@@ -258,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
 
     batches = TensorBatches(torch.from_numpy(calibration[i : i + BATCH_WINDOWS]) for i in range(0, CALIB_WINDOWS, BATCH_WINDOWS))
     pending = [row for row in ROWS[: args.rows] if row.label not in store.results]
-    if pending:
+    check = args.onnx_check and "onnx check" not in store.results
+    if pending or check:
         base = FxFrontEnd(model, example_inputs=torch.from_numpy(calibration[:2]), device="cpu")
         state = CompressionState(frontend=base, calibration=batches, device="cpu")
         run_pipeline(parse_pipeline("find-groups,calibrate{statistics=oneshot}"), state, verify_each=False)
@@ -266,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
             result = run_row(row, base, state.groups, state.stats, batches, evaluation)
             store.put(row.label, result)
             logger.info("%s: perplexity %.3f (%.0f s)", row.label, result["perplexity"], result["seconds"])
+        if check:
+            store.put("onnx check", onnx_check(base, state.groups, state.stats, batches, evaluation, args.work_dir))
 
     facts = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
