@@ -35,6 +35,8 @@ class _Region:
     narrowed: dict[str, WeightRef] = field(default_factory=dict)
     consumers: dict[str, tuple[ops.LinearOp, fx.Node]] = field(default_factory=dict)
     width_attributes: set[tuple[str, str]] = field(default_factory=set)
+    # Layers and weight axes whose size attributes are looked up once the region is complete.
+    sized: list[tuple[ops.LinearOp, int]] = field(default_factory=list)
 
 
 class FxGroupMatcher:
@@ -45,6 +47,11 @@ class FxGroupMatcher:
         self.model = model if model is not None else gm
         linears = (ops.describe_linear(gm, node) for node in gm.graph.nodes)
         self.calls = Counter(linear.module for linear in linears if linear is not None)
+        # Readers of each parameter that the graph reads through get_attr (ATen-level graphs).
+        self.readers: dict[str, list[fx.Node]] = {}
+        for node in gm.graph.nodes:
+            if node.op == "get_attr":
+                self.readers.setdefault(node.target, []).extend(node.users)
         # Producer modules that already have a verdict (a group or a Declined record).
         self.claimed: set[str] = set()
 
@@ -80,9 +87,13 @@ class FxGroupMatcher:
     # Growing the region -------------------------------------------------------------
 
     def _check_single_call(self, node: fx.Node) -> None:
-        module = ops.describe_linear(self.gm, node).module
+        linear = ops.describe_linear(self.gm, node)
+        module = linear.module
         if self.calls[module] > 1:
             raise Decline(f"module `{module}` is called {self.calls[module]} times in the graph")
+        others = [reader for reader in self.readers.get(linear.weight, ()) if reader is not node]
+        if others:
+            raise Decline(f"weight `{linear.weight}` is also read by {ops.describe(self.gm, others[0])}")
 
     def _add_producer(self, region: _Region, node: fx.Node) -> None:
         linear = ops.describe_linear(self.gm, node)
@@ -92,6 +103,7 @@ class FxGroupMatcher:
         region.producers[linear.module] = linear
         if linear.bias is not None:
             region.narrowed[linear.bias] = WeightRef(linear.bias, 0, 0, BIAS)
+        region.sized.append((linear, linear.out_axis))
         self._add_value(region, node)
 
     def _add_value(self, region: _Region, node: fx.Node) -> None:
@@ -116,7 +128,7 @@ class FxGroupMatcher:
             return
         linear = ops.describe_linear(self.gm, user)
         first = bool(user.args) and user.args[0] is value
-        if linear is not None and first:
+        if linear is not None and len(user.args) > linear.data_input and user.args[linear.data_input] is value:
             self._add_linear_user(region, value, user, linear)
         elif ops.is_prelu(self.gm, user) and first:
             self._add_prelu(region, user)
@@ -132,6 +144,13 @@ class FxGroupMatcher:
             self._add_value(region, user)
         elif ops.is_binary(user):
             self._add_binary(region, value, user)
+        elif ops.is_reshape(user) and first:
+            self._add_reshape(region, value, user)
+        elif ops.is_split(user) and first:
+            raise Decline(
+                f"hidden value `{value.name}` feeds {ops.describe(self.gm, user)}, which splits the channels into "
+                "parts, as the output of a fused query, key and value projection is split"
+            )
         else:
             raise Decline(f"hidden value `{value.name}` feeds {ops.describe(self.gm, user)}, which mixes or reshapes channels")
 
@@ -151,7 +170,69 @@ class FxGroupMatcher:
         if linear.in_width != region.width:
             raise Decline(f"consumer {ops.describe(self.gm, user)} expects {linear.in_width} channels, not {region.width}")
         self._check_single_call(user)
+        region.sized.append((linear, linear.in_axis))
         region.consumers[linear.module] = (linear, value)
+
+    def _add_size_attributes(self, region: _Region, linear: ops.LinearOp, axis: int) -> None:
+        """Record the integer attributes of a layer that hold the size of weight axis `axis`.
+
+        nn.Linear and convolutions get their sizes from the rewrite, so only other layers
+        are inspected, such as Hugging Face's Conv1D with `nf` (outputs) and `nx` (inputs).
+        An attribute qualifies when it is public, equals the axis size, and the layer's
+        own parameters are this weight and at most a bias. When the weight is square, such an
+        attribute may hold either size, so the candidate is declined.
+        """
+        try:
+            module = self.model.get_submodule(linear.module)
+        except AttributeError:
+            return
+        if isinstance(module, ops.SIZED_LAYERS):
+            return
+        allowed = {linear.weight.rpartition(".")[2], "bias"}
+        if linear.bias is not None:
+            allowed.add(linear.bias.rpartition(".")[2])
+        if {name for name, _ in module.named_parameters(recurse=False)} - allowed:
+            return
+        shape = ops.get_tensor(self.gm, linear.weight).shape
+        size = shape[axis]
+        names = [
+            name for name, value in vars(module).items()
+            if not name.startswith("_") and type(value) is int and value == size
+        ]  # fmt: skip
+        if not names:
+            return
+        if len(shape) == 2 and shape[0] == shape[1]:
+            raise Decline(
+                f"`{linear.module}` has a square weight ({size} x {size}) and the integer attributes "
+                f"{', '.join(names)} equal to {size}, so its output and input sizes cannot be told apart"
+            )
+        region.width_attributes.update((linear.module, name) for name in names)
+
+    def _add_reshape(self, region: _Region, value: fx.Node, node: fx.Node) -> None:
+        """Accept a reshape that keeps the hidden axis last and unchanged, such as (B, S, H) -> (B*S, H).
+
+        Such a reshape only merges or splits the leading axes, so each channel stays in place.
+        The shapes that tracing recorded prove it. A symbolic_trace graph keeps the Python
+        code's shape arguments, so a literal equal to the width there is a fixed width that
+        narrowing would break.
+        """
+        before, after = ops.known_shape(value), ops.known_shape(node)
+        described = ops.describe(self.gm, node)
+        if not region.channels_last:
+            raise Decline(f"hidden value `{value.name}` feeds {described}, which reshapes its channel axis 1")
+        if before is None or after is None:
+            raise Decline(
+                f"hidden value `{value.name}` feeds {described}, and the graph records no static shapes "
+                "that show whether the reshape keeps the hidden axis"
+            )
+        if not before or not after or before[-1] != region.width or after[-1] != region.width:
+            raise Decline(f"{described} reshapes hidden value `{value.name}` from {before} to {after}, which moves the hidden axis")
+        # NOTE: an ATen-level graph from torch.export contains every size as a literal fixed at
+        # tracing time, whether the module computes it or not. The front end traces the
+        # rewritten module again, which fails if the module's code fixes the old width.
+        if not ops.is_aten(node) and region.width in ops.literal_sizes(node):
+            raise Decline(f"{described} has the hidden width {region.width} as a literal in its shape argument")
+        self._add_value(region, node)
 
     def _add_prelu(self, region: _Region, node: fx.Node) -> None:
         """Accept a PReLU on the hidden value, narrowing its weight when it has one per channel.
@@ -258,14 +339,16 @@ class FxGroupMatcher:
         taps = {value.name for _, value in region.consumers.values()}
         if len(taps) > 1:
             raise Decline(f"consumers read different hidden values ({', '.join(sorted(taps))})")
+        for linear, axis in region.sized:
+            self._add_size_attributes(region, linear, axis)
         return ChannelGroup(
             name=name,
             width=region.width,
             tap=taps.pop(),
             channels_last=region.channels_last,
-            producers=tuple(WeightRef(p.weight, 0, 0) for p in region.producers.values()),
+            producers=tuple(WeightRef(p.weight, 0, p.out_axis) for p in region.producers.values()),
             narrowed=tuple(region.narrowed.values()),
-            consumers=tuple(WeightRef(c.weight, 0, 1) for c, _ in region.consumers.values()),
+            consumers=tuple(WeightRef(c.weight, 0, c.in_axis) for c, _ in region.consumers.values()),
             width_attributes=tuple(sorted(region.width_attributes)),
             values=tuple(region.values),
         )

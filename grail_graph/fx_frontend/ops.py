@@ -29,7 +29,7 @@ ELEMENTWISE_FUNCTIONS = {
     F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh,
     F.elu, F.selu, F.celu, F.mish, F.softplus, F.dropout, F.hardtanh, torch.relu, torch.sigmoid,
     torch.tanh, torch.erf, torch.exp, torch.sqrt, torch.neg, torch.abs, torch.clamp, torch.clip,
-    operator.neg,
+    torch.pow, operator.neg, operator.pow,
 }  # fmt: skip
 POOLING_FUNCTIONS = {
     F.max_pool1d, F.max_pool2d, F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
@@ -37,7 +37,7 @@ POOLING_FUNCTIONS = {
 }  # fmt: skip
 ELEMENTWISE_METHODS = {
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "erf", "exp", "sqrt", "neg", "abs",
-    "clamp", "clamp_", "clip", "contiguous", "float", "to", "type_as", "half", "bfloat16",
+    "clamp", "clamp_", "clip", "contiguous", "float", "to", "type_as", "half", "bfloat16", "pow",
 }  # fmt: skip
 BINARY_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
@@ -52,7 +52,7 @@ ATEN_CONVOLUTIONS = {aten.conv1d, aten.conv2d, aten.conv3d}
 ATEN_ELEMENTWISE = {
     aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.sigmoid, aten.tanh, aten.hardswish,
     aten.hardswish_, aten.hardsigmoid, aten.hardtanh, aten.hardtanh_, aten.leaky_relu, aten.elu,
-    aten.erf, aten.exp, aten.neg, aten.clamp, aten.dropout, aten.clone, aten.mish,
+    aten.erf, aten.exp, aten.neg, aten.clamp, aten.dropout, aten.clone, aten.mish, aten.pow,
 }  # fmt: skip
 ATEN_POOLING = {aten.max_pool1d, aten.max_pool2d, aten.avg_pool1d, aten.avg_pool2d, aten.adaptive_avg_pool2d}
 ATEN_BINARY = {aten.add, aten.add_, aten.mul, aten.mul_, aten.sub, aten.div}
@@ -63,7 +63,13 @@ HARMLESS_METHODS = {"dim", "ndimension", "get_device"}
 
 @dataclass(frozen=True)
 class LinearOp:
-    """A dense Conv or Linear module: its parameters and how it maps channels."""
+    """A dense Conv or Linear module: its parameters and how it maps channels.
+
+    `out_axis` and `in_axis` are the weight's output- and input-channel axes: 0 and 1 for
+    nn.Linear and convolutions, 1 and 0 for a weight stored (in, out) and applied as
+    `x @ weight` (aten.mm, aten.addmm, aten.matmul, as in GPT-2's Conv1D). `data_input` is
+    the position of the data tensor among the call's arguments.
+    """
 
     module: str
     weight: str  # qualified parameter names
@@ -73,6 +79,9 @@ class LinearOp:
     channels_last: bool
     rank: int | None  # rank of the data tensors for convolutions
     depthwise: bool = False
+    out_axis: int = 0
+    in_axis: int = 1
+    data_input: int = 0
 
 
 def _packet(node: fx.Node):
@@ -104,10 +113,59 @@ def _describe_aten_linear(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
     return LinearOp(module, weight_node.target, bias, weight.shape[0], in_width, False, weight.ndim, depthwise)
 
 
+# Matrix products `x @ weight` with the weight stored (in, out), at the ATen level and in
+# symbolic_trace graphs, mapped to the position of their bias argument (None: no bias).
+ATEN_MATRIX_PRODUCTS = {aten.addmm: 0, aten.mm: None, aten.matmul: None}
+MATRIX_PRODUCT_FUNCTIONS = {torch.addmm: 0, torch.mm: None, torch.matmul: None, operator.matmul: None}
+
+
+def _describe_matrix_product(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
+    """Describe `x @ W` or `addmm(b, x, W)` where W is a 2-D get_attr and b a 1-D get_attr, else None.
+
+    addmm also needs its default scale factors (beta = alpha = 1), so that it computes b + x @ W.
+    """
+    if node.op != "call_function":
+        return None
+    packet = _packet(node)
+    if packet in ATEN_MATRIX_PRODUCTS:
+        bias_index = ATEN_MATRIX_PRODUCTS[packet]
+    elif node.target in MATRIX_PRODUCT_FUNCTIONS:
+        bias_index = MATRIX_PRODUCT_FUNCTIONS[node.target]
+    else:
+        return None
+    data_index = 0 if bias_index is None else 1
+    if len(node.args) != data_index + 2 or any(node.kwargs.get(name, 1) != 1 for name in ("beta", "alpha")):
+        return None
+    data, weight_node = node.args[data_index], node.args[data_index + 1]
+    if not isinstance(data, fx.Node) or data.op == "get_attr":
+        return None
+    if not isinstance(weight_node, fx.Node) or weight_node.op != "get_attr":
+        return None
+    weight = get_tensor(gm, weight_node.target)
+    if weight.ndim != 2:
+        return None
+    bias = None
+    if bias_index is not None:
+        bias_node = node.args[bias_index]
+        if not isinstance(bias_node, fx.Node) or bias_node.op != "get_attr":
+            return None
+        if tuple(get_tensor(gm, bias_node.target).shape) != (weight.shape[1],):
+            return None
+        bias = bias_node.target
+    # A layer is named by the module that owns its `weight`. A parameter with another name
+    # is named by itself, because one module may own several such weights.
+    owner, _, attribute = weight_node.target.rpartition(".")
+    module = owner if attribute == "weight" else weight_node.target
+    return LinearOp(
+        module, weight_node.target, bias, weight.shape[1], weight.shape[0], True, None,
+        out_axis=1, in_axis=0, data_input=data_index,
+    )  # fmt: skip
+
+
 def describe_linear(gm: fx.GraphModule, node: fx.Node) -> LinearOp | None:
-    """Describe a Conv / Linear call (dense or depthwise), else return None."""
+    """Describe a Conv / Linear call (dense or depthwise) or a product with a weight matrix, else return None."""
     if node.op == "call_function":
-        return _describe_aten_linear(gm, node)
+        return _describe_aten_linear(gm, node) or _describe_matrix_product(gm, node)
     if node.op != "call_module":
         return None
     module = gm.get_submodule(node.target)
@@ -174,6 +232,60 @@ def is_binary(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in BINARY_FUNCTIONS or _packet(node) in ATEN_BINARY
     return node.op == "call_method" and node.target in BINARY_METHODS
+
+
+RESHAPE_PACKETS = {aten.view, aten.reshape, aten._unsafe_view}
+RESHAPE_METHODS = {"view", "reshape"}
+SPLIT_PACKETS = {aten.split, aten.split_with_sizes, aten.chunk, aten.unbind, aten.tensor_split}
+SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.unbind, torch.tensor_split}
+SPLIT_METHODS = {"split", "chunk", "unbind", "tensor_split"}
+# Layers whose size attributes the rewrite sets from their narrowed weights.
+SIZED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm)
+
+
+def is_aten(node: fx.Node) -> bool:
+    """True for a call of an ATen operator, as in graphs from torch.export."""
+    return _packet(node) is not None
+
+
+def is_split(node: fx.Node) -> bool:
+    """True for a split of a tensor into parts (split, chunk, unbind, tensor_split)."""
+    if node.op == "call_method":
+        return node.target in SPLIT_METHODS
+    return node.op == "call_function" and (node.target in SPLIT_FUNCTIONS or _packet(node) in SPLIT_PACKETS)
+
+
+def is_reshape(node: fx.Node) -> bool:
+    """True for view / reshape of the first argument, at the ATen level or in symbolic_trace graphs."""
+    if node.op == "call_method":
+        return node.target in RESHAPE_METHODS
+    return node.op == "call_function" and (node.target is torch.reshape or _packet(node) in RESHAPE_PACKETS)
+
+
+def known_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """Return the static shape that tracing recorded for a node's value, else None.
+
+    torch.export records it in `meta["val"]` and ShapeProp in `meta["tensor_meta"]`. A
+    symbolic (dynamic) size gives None.
+    """
+    value = node.meta.get("val", node.meta.get("tensor_meta"))
+    shape = getattr(value, "shape", None)
+    if shape is None or not all(isinstance(size, int) for size in shape):
+        return None
+    return tuple(shape)
+
+
+def literal_sizes(node: fx.Node) -> list[int]:
+    """Return the integer literals among a reshape's shape arguments (nested lists included)."""
+    sizes: list[int] = []
+    pending = [*node.args[1:], *node.kwargs.values()]
+    while pending:
+        argument = pending.pop()
+        if isinstance(argument, (list, tuple)):
+            pending.extend(argument)
+        elif isinstance(argument, int) and not isinstance(argument, bool):
+            sizes.append(argument)
+    return sizes
 
 
 def is_harmless_use(node: fx.Node) -> bool:

@@ -3,6 +3,8 @@
 Parameters are replaced by name on the module itself (not on a traced copy), and each
 touched Conv / Linear / BatchNorm gets its width attributes updated from its new weight,
 so the result is an ordinary module that runs in eager PyTorch and exports to ONNX.
+Other layers get the size attributes that the matcher recorded in `width_attributes`
+(such as `nf` and `nx` of Hugging Face's Conv1D) set to the kept width.
 """
 
 from __future__ import annotations
@@ -153,6 +155,10 @@ def apply_plans(model: nn.Module, plans: list[GroupPlan]) -> None:
     for name in sorted(touched):
         if name:
             _update_widths(model.get_submodule(name))
+    for plan in plans:
+        kept_width = plan.consumer_map.shape[1]
+        for module_name, attribute in plan.group.width_attributes:
+            setattr(model.get_submodule(module_name), attribute, kept_width)
     for plan in plans:
         if plan.group.kv_heads:
             _update_head_counts(model, plan)
