@@ -17,7 +17,7 @@ from grail_graph.core import CrossAccumulator, GramAccumulator
 from grail_graph.errors import GrailError, UnsupportedModelError
 from grail_graph.frontend import Batch, GroupPlan
 from grail_graph.groups import ChannelGroup, Declined, WeightRef
-from grail_graph.onnx_frontend import calibration, matcher, normalize
+from grail_graph.onnx_frontend import attention, calibration, matcher, normalize
 from grail_graph.onnx_frontend.model_io import (
     PROTOBUF_LIMIT_BYTES,
     external_data_files,
@@ -39,6 +39,8 @@ class OnnxFrontEnd:
         self.device = device
         self._nodes: dict[str, ir.Node] | None = None
         self.added_biases: dict[str, WeightRef] = {}
+        # Target-shape entries that hold head counts, by attention-head group name.
+        self.head_shapes: dict[str, tuple[attention.ShapeEntry, ...]] = {}
         normalize.fold_weight_transposes(model.graph)
         NameFixPass()(model)  # the matcher and the group records address nodes by name
         try:
@@ -72,8 +74,30 @@ class OnnxFrontEnd:
 
     # FrontEnd interface -------------------------------------------------------------------
 
-    def find_groups(self) -> tuple[list[ChannelGroup], list[Declined]]:
-        return matcher.find_groups(self.model.graph)
+    def find_groups(self, heads: bool = False) -> tuple[list[ChannelGroup], list[Declined]]:
+        """Return the channel groups, with `heads` also the attention-head groups, and every declined candidate.
+
+        The channel matcher declines the query, key and value projections because their
+        outputs are split into heads; those declines are dropped for projections that an
+        attention-head group compresses.
+        """
+        groups, declined = matcher.find_groups(self.model.graph)
+        # TODO: turn heads on by default once the ONNX transformer tests expect head groups.
+        if not heads:
+            return groups, declined
+        head_groups, head_declined, self.head_shapes = attention.find_head_groups(self.model.graph)
+        in_groups = {ref.node for group in groups for ref in (*group.producers, *group.narrowed, *group.consumers)}
+        kept_heads = []
+        for group in head_groups:
+            projections = {ref.node for ref in (*group.producers, *group.narrowed)}
+            if projections & in_groups:
+                names = ", ".join(sorted(projections & in_groups))
+                head_declined.append(Declined(group.producers[0].node, f"projections {names} are in a channel group"))
+                continue
+            kept_heads.append(group)
+        compressed = {ref.node for group in kept_heads for ref in (*group.producers, *group.narrowed)}
+        declined = [entry for entry in declined if not set(entry.candidate.split(", ")) <= compressed]
+        return groups + kept_heads, declined + head_declined
 
     def _weight(self, node_name: str, index: int) -> np.ndarray:
         if self._nodes is None:
@@ -121,7 +145,7 @@ class OnnxFrontEnd:
         )  # fmt: skip
 
     def apply(self, plans: list[GroupPlan]) -> None:
-        GraphRewriter(self.model, self.added_biases).apply(plans)
+        GraphRewriter(self.model, self.added_biases, self.head_shapes).apply(plans)
         self._nodes = None
 
     def verify(self) -> None:

@@ -9,7 +9,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from grail_graph.core import absorb, bias_correction, fold_linear_chain
 from grail_graph.errors import GrailError
 from grail_graph.frontend import GroupPlan
-from grail_graph.groups import BIAS, BN_ROLES, ChannelGroup, WeightRef
+from grail_graph.groups import BIAS, BN_ROLES, KEY_VALUE, ChannelGroup, WeightRef
+from grail_graph.onnx_frontend import attention
 from grail_graph.onnx_frontend.matcher import constant_array, reshape_shape_source
 
 
@@ -43,8 +44,15 @@ def _check_finite(array: np.ndarray, what: str) -> None:
 class GraphRewriter:
     """Narrow producers and compensate consumers of an `ir.Model` in place."""
 
-    def __init__(self, model: ir.Model, added_biases: dict[str, WeightRef] | None = None) -> None:
+    def __init__(
+        self,
+        model: ir.Model,
+        added_biases: dict[str, WeightRef] | None = None,
+        head_shapes: dict[str, tuple[attention.ShapeEntry, ...]] | None = None,
+    ) -> None:
         self.model = model
+        # Target-shape entries that hold head counts, by attention-head group name.
+        self.head_shapes = {} if head_shapes is None else head_shapes
         # Biases created by affine compensation, by producer node: they postdate the group
         # records, so a later plan that narrows that node narrows them through this map.
         self.added_biases = {} if added_biases is None else added_biases
@@ -74,7 +82,10 @@ class GraphRewriter:
             self._set_constant(node, ref.input, weight)
         for node_name, attribute in group.width_attributes:
             self.nodes[node_name].attributes[attribute] = ir.AttrInt64(attribute, len(keep))
-        self._narrow_reshapes(plan.group, len(keep))
+        if group.kv_heads:
+            self._set_head_counts(group, keep)
+        else:
+            self._narrow_reshapes(plan.group, len(keep))
         for name in group.values:
             # Stale shapes would contradict the new widths; shape inference refills them.
             self.values[name].shape = None
@@ -102,6 +113,20 @@ class GraphRewriter:
             if holder is not node and len(node.inputs[1].uses()) > 1:
                 holder = self._private_concat(node, holder)
             self._set_constant(holder, index, narrowed)
+
+    def _set_head_counts(self, group: ChannelGroup, keep: np.ndarray) -> None:
+        """Write the kept head counts into the Reshape and Expand target shapes of an attention-head group."""
+        new, _ = attention.kept_structure(group, keep)
+        changes = attention.head_count_changes(self.head_shapes.get(group.name, ()), attention.structure_of(group), new)
+        for node_name, position, count in changes:
+            node = self.nodes[node_name]
+            holder, index, _ = attention.shape_entry_source(node, position)
+            if holder is not node and len(node.inputs[1].uses()) > 1:
+                self._private_concat(node, holder)
+            holder, index, offset = attention.shape_entry_source(node, position)
+            entries = constant_array(holder.inputs[index]).copy()
+            entries.reshape(-1)[offset] = count
+            self._set_constant(holder, index, entries)
 
     def _private_concat(self, reshape: ir.Node, concat: ir.Node) -> ir.Node:
         """Give `reshape` its own copy of the Concat that builds its target shape."""
@@ -151,10 +176,17 @@ class GraphRewriter:
     def _narrow_producers(self, plan: GroupPlan, keep: np.ndarray) -> None:
         group = plan.group
         late = [self.added_biases[ref.node] for ref in group.producers if ref.node in self.added_biases]
+        kv_keep = None
+        if group.kv_heads:
+            try:
+                _, kv_keep = attention.kept_structure(group, keep)
+            except ValueError as error:
+                raise GrailError(str(error), "Select whole heads with the select pass.") from error
         for ref in (*group.producers, *group.narrowed, *late):
             node = self.nodes[ref.node]
             weight = constant_array(node.inputs[ref.input])
-            self._set_constant(node, ref.input, np.take(weight, keep, axis=ref.axis))
+            indices = kv_keep if ref.role == KEY_VALUE else keep
+            self._set_constant(node, ref.input, np.take(weight, indices, axis=ref.axis))
 
     def _compensated_consumers(
         self, plan: GroupPlan
@@ -241,7 +273,7 @@ class GraphRewriter:
         node.replace_input_with(index, new)
 
     def _unique_name(self, base: str) -> str:
-        taken = set(self.graph.initializers) | set(self.values)
+        taken = set(self.graph.initializers) | set(self.values) | set(self.nodes)
         name, suffix = base, 1
         while name in taken:
             name, suffix = f"{base}_{suffix}", suffix + 1
