@@ -74,7 +74,7 @@ class OnnxFrontEnd:
 
     # FrontEnd interface -------------------------------------------------------------------
 
-    def find_groups(self, heads: bool = False) -> tuple[list[ChannelGroup], list[Declined]]:
+    def find_groups(self, heads: bool = True) -> tuple[list[ChannelGroup], list[Declined]]:
         """Return the channel groups, with `heads` also the attention-head groups, and every declined candidate.
 
         The channel matcher declines the query, key and value projections because their
@@ -82,7 +82,6 @@ class OnnxFrontEnd:
         attention-head group compresses.
         """
         groups, declined = matcher.find_groups(self.model.graph)
-        # TODO: turn heads on by default once the ONNX transformer tests expect head groups.
         if not heads:
             return groups, declined
         head_groups, head_declined, self.head_shapes = attention.find_head_groups(self.model.graph)
