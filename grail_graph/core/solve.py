@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.linalg
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,8 @@ def _cholesky_solve(a: np.ndarray, rhs: np.ndarray) -> np.ndarray:
     tolerance = a.shape[0] * np.finfo(np.float64).eps * np.max(np.diagonal(a))
     if min_pivot_squared <= tolerance:
         raise np.linalg.LinAlgError("matrix is numerically singular")
-    return np.linalg.solve(factor.T, np.linalg.solve(factor, rhs))
+    # Two triangular solves; np.linalg.solve would factor the triangle again (LU).
+    return scipy.linalg.cho_solve((factor, True), rhs, check_finite=False)
 
 
 def _pinv_solve(a: np.ndarray, rhs: np.ndarray) -> np.ndarray:
