@@ -176,6 +176,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(16, 96)
         self.o_proj = nn.Linear(32, 16)
         self.head_scale = nn.Parameter(torch.rand(4, 1, 1) + 0.5)
+        self.q_weight = nn.Parameter(torch.randn(16, 32) / 4)
         self.mask = nn.Parameter(torch.randn(1, 4, 6, 6))
 
     def project(self, x: torch.Tensor):
@@ -183,7 +184,8 @@ class Attention(nn.Module):
         if self.variant == "fused":
             q, k, v = self.qkv(x).view(batch, length, 3, 4, 8).permute(2, 0, 3, 1, 4)
             return q, k, v
-        q = self.q_proj(x).view(batch, length, -1, 8).transpose(1, 2)
+        query = x @ self.q_weight if self.variant == "matmul_query" else self.q_proj(x)
+        q = query.view(batch, length, -1, 8).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, -1, 8).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, -1, 8).transpose(1, 2)
         if self.variant == "tiled":
@@ -226,6 +228,7 @@ def test_custom_attention_group_found():
         ("tiled", "repeats heads in tiled order"),
         ("head_scale", "`head_scale`, which differs per head"),
         ("head_mask", "attention mask `mask` of `scaled_dot_product_attention` differs per head"),
+        ("matmul_query", "stores its weight as (in, out)"),
     ],
 )
 def test_attention_layout_declined(variant: str, reason: str):

@@ -367,6 +367,10 @@ class AttentionMatcher:
         for node, linear in zip(nodes, linears):
             if not linear.channels_last:
                 raise Decline(f"projection {ops.describe(self.gm, node)} is not a Linear layer")
+            # NOTE: head groups address weights in the (out, in) layout of nn.Linear; a
+            # projection written as x @ W with W stored (in, out) is declined.
+            if linear.out_axis != 0:
+                raise Decline(f"projection {ops.describe(self.gm, node)} stores its weight as (in, out)")
             if self.calls[linear.module] > 1:
                 raise Decline(f"module `{linear.module}` is called {self.calls[linear.module]} times in the graph")
         query, key, value = (
@@ -500,6 +504,8 @@ class AttentionMatcher:
         tap, consumers = next(iter(taps.items()))
         for consumer in consumers:
             linear = ops.describe_linear(self.gm, consumer)
+            if linear.in_axis != 1:
+                raise Decline(f"output projection {ops.describe(self.gm, consumer)} stores its weight as (in, out)")
             if self.calls[linear.module] > 1:
                 raise Decline(f"module `{linear.module}` is called {self.calls[linear.module]} times in the graph")
         return tap, consumers
