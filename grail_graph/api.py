@@ -62,7 +62,7 @@ def compress(
     multiple: int = 1,
     seed: int = 0,
     head_sparsity: float = 0.0,
-    heads: str = "kv",
+    heads: str = "auto",
     holdout: float = 0.0,
     pipeline: str | None = None,
     device: str | torch.device | None = "auto",

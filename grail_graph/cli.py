@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of the attention heads removed in each attention block, in [0, 1); 0 keeps every head",
     )  # fmt: skip
     method.add_argument(
-        "--head-mode", choices=HEAD_MODES, default="kv",
+        "--head-mode", choices=HEAD_MODES, default="auto",
         help="kv: remove whole key/value heads with their query heads; query: remove query heads inside every "
-        "key/value group and keep all keys and values",
+        "key/value group and keep all keys and values; auto: query where key/value heads are shared, else kv",
     )  # fmt: skip
     method.add_argument(
         "--holdout", type=float, default=0.0,

@@ -46,7 +46,7 @@ def default_pipeline(
     multiple: int = 1,
     seed: int = 0,
     head_sparsity: float = 0.0,
-    heads: str = "kv",
+    heads: str = "auto",
     holdout: float = 0.0,
     batch_size: int = 64,
     samples: int = 0,

@@ -201,7 +201,7 @@ def test_resnet_report_pass_statistics(ridge_run: CliRun) -> None:
     assert passes["compensate"]["statistics"]["method"] == "ridge"
     assert passes["rewrite"]["changed"] is True
     assert passes["rewrite"]["statistics"]["groups_rewritten"] == len(groups)
-    assert passes["select"]["options"] == {"method": "wanda", "sparsity": 0.5, "multiple": 1, "seed": 0, "head_sparsity": 0.0, "heads": "kv"}
+    assert passes["select"]["options"] == {"method": "wanda", "sparsity": 0.5, "multiple": 1, "seed": 0, "head_sparsity": 0.0, "heads": "auto"}
 
 
 def test_resnet_report_validation(ridge_run: CliRun, eval_data: Dataset) -> None:
@@ -222,7 +222,7 @@ def test_resnet_output_metadata(ridge_run: CliRun) -> None:
 
     assert metadata["grail_opt.pipeline"] == ridge_run.report["pipeline"]
     assert metadata["grail_opt.version"] == tool_version()
-    assert "select{method=wanda sparsity=0.5 multiple=1 seed=0 head-sparsity=0.0 heads=kv}" in metadata["grail_opt.pipeline"]
+    assert "select{method=wanda sparsity=0.5 multiple=1 seed=0 head-sparsity=0.0 heads=auto}" in metadata["grail_opt.pipeline"]
 
 
 def test_resnet_summary_on_stdout(ridge_run: CliRun) -> None:

@@ -27,7 +27,7 @@ CANONICAL_TEXTS = [
     default_pipeline(),
     default_pipeline(sparsity=0.25, selector="gram", compensation="ridge", alpha=0.01, multiple=8, seed=3),
     default_pipeline(selector="magnitude", compensation="none", validate=False),
-    "find-groups,select{method=random sparsity=0.0 multiple=1 seed=7 head-sparsity=0.0 heads=kv},compensate{method=none alpha=0.0 affine=false fallback=false},rewrite",
+    "find-groups,select{method=random sparsity=0.0 multiple=1 seed=7 head-sparsity=0.0 heads=auto},compensate{method=none alpha=0.0 affine=false fallback=false},rewrite",
     "find-groups",
 ]
 
@@ -98,7 +98,7 @@ def test_parse_fills_defaults_and_spaces() -> None:
     passes = parse_pipeline(" find-groups , select{ sparsity=0.25 } ,rewrite")
 
     assert passes == [FindGroups(), Select(SelectOptions(sparsity=0.25)), Rewrite()]
-    assert print_pipeline(passes) == "find-groups,select{method=wanda sparsity=0.25 multiple=1 seed=0 head-sparsity=0.0 heads=kv},rewrite"
+    assert print_pipeline(passes) == "find-groups,select{method=wanda sparsity=0.25 multiple=1 seed=0 head-sparsity=0.0 heads=auto},rewrite"
 
 
 def test_passes_with_different_options_differ() -> None:
@@ -305,7 +305,7 @@ def test_print_pipeline_without_statistics(capsys: pytest.CaptureFixture[str]) -
 def test_print_pipeline_canonicalizes_text(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--print-pipeline", "--pipeline", "find-groups , select{sparsity=0.25}"]) == 0
 
-    assert capsys.readouterr().out.strip() == "find-groups,select{method=wanda sparsity=0.25 multiple=1 seed=0 head-sparsity=0.0 heads=kv}"
+    assert capsys.readouterr().out.strip() == "find-groups,select{method=wanda sparsity=0.25 multiple=1 seed=0 head-sparsity=0.0 heads=auto}"
 
 
 def test_print_pipeline_rejects_bad_text(capsys: pytest.CaptureFixture[str]) -> None:
