@@ -124,7 +124,7 @@ def format_page(measurements: list[Measurement], command: str) -> str:
         "a 7B model with 32 MLP groups of width 11,008 holds 32 Grams.",
         "",
         markdown_table(
-            ["H", "K", "rows", "Gram (float64)", "accumulate peak", "accumulate time", "solve peak", "solve time"], rows
+            ["H", "K", "rows", "Gram (float64)", "accumulate peak", "accumulate time", "select + solve + error peak", "select + solve + error time"], rows
         ),
         "",
     ]) + "\n"  # fmt: skip
