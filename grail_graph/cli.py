@@ -34,9 +34,23 @@ def _floats(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Append "(default: X)" to option help, unless the help already names the default or X is unset."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        unset = unset or not action.option_strings
+        if unset or "default" in text:
+            return text
+        value = ",".join(map(str, action.default)) if isinstance(action.default, tuple) else action.default
+        return f"{text} (default: {value})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="grail-opt",
+        formatter_class=_DefaultsHelpFormatter,
         description="Remove hidden channels from ONNX models and compensate the consumers "
         "with a closed-form ridge fit on unlabeled calibration data (GRAIL).",
     )
@@ -52,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--eval", type=Path, help="held-out data in the same formats; .npz may add 'labels', "
                       "image folders with class subfolders give labels. Default: 1/8 of --calib is held out")
     data.add_argument("--image-size", type=int, help="square image side in pixels (default: the model's input size)")
-    data.add_argument("--mean", type=_floats, default=IMAGENET_MEAN, help="per-channel mean after scaling to [0, 1]")
-    data.add_argument("--std", type=_floats, default=IMAGENET_STD, help="per-channel std after scaling to [0, 1]")
+    data.add_argument("--mean", type=_floats, default=IMAGENET_MEAN,
+                      help="comma-separated per-channel mean after scaling to [0, 1], ImageNet's by default")
+    data.add_argument("--std", type=_floats, default=IMAGENET_STD,
+                      help="comma-separated per-channel std after scaling to [0, 1], ImageNet's by default")
     text = parser.add_argument_group("text data (language models)")
     text.add_argument("--calib-text", type=Path, help="UTF-8 text file; calibration windows are drawn at random offsets")
     text.add_argument("--eval-text", type=Path, help="UTF-8 text file scored by perplexity in non-overlapping windows; "
@@ -208,7 +224,10 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.image_size is not None and args.image_size < 1:
         raise GrailError(f"--image-size {args.image_size} must be a positive number of pixels")
     if len(args.mean) != len(args.std):
-        raise GrailError(f"--mean has {len(args.mean)} values but --std has {len(args.std)}")
+        raise GrailError(
+            f"--mean has {len(args.mean)} value(s) but --std has {len(args.std)}",
+            "Give one mean and one std per input channel, such as --mean 0.5,0.5,0.5 --std 0.25,0.25,0.25.",
+        )
     if any(s <= 0 for s in args.std):
         raise GrailError(f"--std {args.std} must be positive")
     if args.samples < 0:

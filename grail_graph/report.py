@@ -46,7 +46,7 @@ def format_validation(validation: dict[str, Any]) -> list[str]:
         ratio = after["latency_ms"] / before["latency_ms"]
         lines.append(
             f"    latency    {before['latency_ms']:.3f} ms -> {after['latency_ms']:.3f} ms "
-            f"({ratio:.2f}x, batch 1, median)"
+            f"(time ratio {ratio:.2f}, batch 1, median)"
         )
     return lines
 

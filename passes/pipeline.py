@@ -137,6 +137,9 @@ def _groupwise_segment(passes: list[Pass]) -> tuple[int, int] | None:
     return None
 
 
+SUMMED_STATISTICS = frozenset({"groups", "fallbacks"})
+
+
 def _run_one(instance: Pass, state: CompressionState, verify_each: bool, record: dict[str, Any] | None) -> dict[str, Any]:
     start = time.perf_counter()
     logger.info("running pass %s", print_pass(instance))
@@ -148,7 +151,11 @@ def _run_one(instance: Pass, state: CompressionState, verify_each: bool, record:
     record["changed"] = record["changed"] or result.changed
     record["seconds"] = round(record["seconds"] + time.perf_counter() - start, 4)
     record["runs"] += 1
-    record["statistics"] = result.statistics
+    previous = record.get("statistics", {})
+    record["statistics"] = dict(result.statistics)
+    # Counts add up over the per-group runs of a group-wise segment; other values are the last run's.
+    for key in SUMMED_STATISTICS & previous.keys() & result.statistics.keys():
+        record["statistics"][key] = previous[key] + result.statistics[key]
     return record
 
 

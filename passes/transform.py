@@ -123,7 +123,7 @@ class Calibrate(Pass):
             if held_out:
                 held = data.subset(len(data) - held_out)
                 self._record(state, groups, held, state.heldout_stats, state.heldout_crosses, bar.update)
-        statistics = {"samples": len(fit), "groups": len(state.stats), "statistics": self.options.statistics}
+        statistics = {"samples": len(fit), "groups": len(groups), "statistics": self.options.statistics}
         if held_out:
             statistics["held_out_samples"] = len(data) - len(fit)
         return PassResult(False, statistics)
@@ -317,7 +317,7 @@ class Compensate(Pass):
                 "Use calibrate{holdout=0.1} (any fraction above 0) before compensate{fallback=true}.",
             )  # fmt: skip
         errors_sliced, errors_final = [], []
-        fallbacks = 0
+        fallbacks = planned = 0
         for group in state.current_groups:
             keep = state.keeps[group.name]
             if len(keep) == group.width:
@@ -336,7 +336,8 @@ class Compensate(Pass):
                 errors_sliced.append(sliced)
                 errors_final.append(final)
             state.plans[group.name] = plan
-        statistics = {"groups": len(state.plans), "method": options.method}
+            planned += 1
+        statistics = {"groups": planned, "method": options.method}
         if options.fallback:
             statistics["fallbacks"] = fallbacks
         if errors_final:

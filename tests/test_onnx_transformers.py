@@ -595,11 +595,13 @@ def test_smollm2_swiglu_compress(tmp_path):
     del program
 
     front = load(path)
-    groups, declined = front.find_groups()
+    all_groups, declined = front.find_groups()
+    groups = channel_groups(all_groups)
     assert len(groups) == 30
+    assert len(all_groups) == 60, "each layer also has one attention-head group"
     assert {group.width for group in groups} == {1536}
     assert all(len(group.producers) == 2 for group in groups), "gate and up are joint producers"
-    check_verdicts(front, groups, declined)
+    check_verdicts(front, all_groups, declined)
 
     before = parameter_count(front.model)
     calibration = Dataset({"input_ids": rng.integers(0, vocab, (8, 32))}, None, "random tokens")
