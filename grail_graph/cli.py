@@ -126,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--samples", type=int, default=0,
         help=f"calibration samples to use; 0 uses all, or {DEFAULT_CALIBRATION_WINDOWS} windows of --calib-text",
     )  # fmt: skip
-    method.add_argument("--batch-size", type=int, default=64, help="samples per ONNX Runtime run")
+    method.add_argument(
+        "--batch-size", type=int,
+        help=f"samples per run: default {IMAGE_BATCH_SIZE}, or {TEXT_BATCH_SIZE} token windows with --calib-text / "
+        "--eval-text, whose activations are far larger",
+    )  # fmt: skip
     method.add_argument("--pipeline", help="pass pipeline text; replaces the method options above")
     run = parser.add_argument_group("run")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="ONNX Runtime device")
@@ -139,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
     run.add_argument("-v", "--verbose", action="store_true", help="log each pass and declined group")
     return parser
+
+
+# Samples per calibration and validation run. A window of 256 tokens carries 256 rows of
+# activations, so text batches are smaller than image batches.
+IMAGE_BATCH_SIZE = 64
+TEXT_BATCH_SIZE = 8
+
+
+def _batch_size(args: argparse.Namespace) -> int:
+    if args.batch_size is not None:
+        return args.batch_size
+    return TEXT_BATCH_SIZE if args.calib_text or args.eval_text else IMAGE_BATCH_SIZE
 
 
 def _pipeline_text(args: argparse.Namespace) -> str:
@@ -158,7 +174,7 @@ def _pipeline_text(args: argparse.Namespace) -> str:
         head_sparsity=args.heads,
         heads=args.head_mode,
         holdout=args.holdout,
-        batch_size=args.batch_size,
+        batch_size=_batch_size(args),
         samples=args.samples,
         validate=not args.no_validate,
         latency_runs=args.latency_runs,
