@@ -228,6 +228,10 @@ def findings(results: dict[str, dict]) -> list[str]:
         after, before = value(better), value(base)
         if after is not None and before is not None:
             lines.append(f"- {text}: {before:,.2f} -> {after:,.2f} ({100 * (after - before) / before:+.1f}%).")
+    for label in ("MLP 20%, wanda, ridge alpha=0", "MLP 20%, wanda, ridge alpha=1e-3"):
+        if value(label) is not None:
+            change = 100 * (value(label) - EARLIER[label]) / EARLIER[label]
+            lines.append(f"- `{label}` against the earlier implementation: {EARLIER[label]:.2f} -> {value(label):.2f} ({change:+.1f}%).")
     earlier = EARLIER["MLP 20%, wanda, ridge alpha=0"]
     best = min((result["perplexity"], label) for label, result in results.items() if label.startswith("MLP 20%"))
     lines.append(
