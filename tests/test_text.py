@@ -213,3 +213,22 @@ def test_cli_text_needs_tokenizer_for_onnx(tmp_path):
     code = main([str(model), "--calib-text", str(calib), "-o", str(tmp_path / "out.onnx"), "-q"])
     assert code == 2
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_text_data_defaults_to_oneshot(capsys):
+    from grail_graph.cli import main
+
+    assert main(["--print-pipeline", "--calib-text", "corpus.txt"]) == 0
+    text = capsys.readouterr().out
+    assert "statistics=oneshot" in text
+    assert "affine=false" in text
+    assert "batch-size=8" in text
+
+
+def test_text_data_keeps_explicit_statistics(capsys):
+    from grail_graph.cli import main
+
+    assert main(["--print-pipeline", "--calib-text", "corpus.txt", "--statistics", "cross", "--affine"]) == 0
+    text = capsys.readouterr().out
+    assert "statistics=cross" in text
+    assert "affine=true" in text
