@@ -200,6 +200,11 @@ def _outputs(args: argparse.Namespace) -> list[Path]:
     if args.output is not None:
         if len(args.models) != 1:
             raise GrailError(f"-o names one output but {len(args.models)} models were given", "Use --out-dir.")
+        if args.output.suffix.lower() != ".onnx" and not args.output.is_dir():
+            raise GrailError(
+                f"output path {str(args.output)!r} does not end in .onnx, but the output is an ONNX model",
+                "Name the output file NAME.onnx.",
+            )
         return [args.output]
     if args.out_dir is None:
         raise GrailError("no output path given", "Add -o OUTPUT.onnx, or --out-dir FOLDER for several models.")

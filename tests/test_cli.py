@@ -605,3 +605,11 @@ def test_budget_without_allocation_rejected(tmp_path: Path, capsys) -> None:
     code = main([str(RESNET), "--calib", str(CALIB), "--budget", "macs", "-o", str(tmp_path / "out.onnx")])
     assert code == 2
     assert "--budget macs applies only to a global allocation" in capsys.readouterr().err
+
+
+def test_output_without_onnx_suffix_rejected(tmp_path: Path, capsys) -> None:
+    output = tmp_path / "small.txt"
+    code = main([str(RESNET), "--calib", str(CALIB), "-o", str(output)])
+    assert code == 2
+    assert "does not end in .onnx" in capsys.readouterr().err
+    assert not output.exists()
