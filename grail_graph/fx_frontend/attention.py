@@ -33,6 +33,7 @@ from torch import fx, nn
 
 from grail_graph.fx_frontend import ops
 from grail_graph.groups import BIAS, KEY_VALUE, ChannelGroup, Declined, WeightRef
+from grail_graph.heads import HeadStructure
 
 logger = logging.getLogger(__name__)
 
@@ -72,19 +73,6 @@ class Layout:
     size_axis: int | None = None
     repeat: int = 1
     repeat_axis: int | None = None
-
-
-@dataclass(frozen=True)
-class HeadStructure:
-    """The head counts of one attention call: query heads share key/value heads in groups."""
-
-    query_heads: int
-    kv_heads: int
-    head_size: int
-
-    @property
-    def group_size(self) -> int:
-        return self.query_heads // self.kv_heads
 
 
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:
@@ -551,38 +539,6 @@ def find_head_groups(gm: fx.GraphModule) -> tuple[list[ChannelGroup], list[Decli
 # Head arithmetic for selection and rewriting ----------------------------------------------
 
 
-def structure_of(group: ChannelGroup) -> HeadStructure:
-    return HeadStructure(group.width // group.unit, group.kv_heads, group.unit)
-
-
-def head_channels(heads: np.ndarray, head_size: int) -> np.ndarray:
-    """Return the channel indices of whole heads, head-major, shape (len(heads) * head_size,)."""
-    heads = np.asarray(heads, dtype=np.int64)
-    return (heads[:, None] * head_size + np.arange(head_size)).reshape(-1)
-
-
-def kept_heads(group: ChannelGroup, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return the kept query heads and the key/value heads they read, from kept channels.
-
-    Raises ValueError unless `keep` is a set of whole query heads with the same number of
-    query heads in every kept key/value group, the layout that eager grouped-query code
-    (repeat_kv, repeat_interleave) can run.
-    """
-    structure = structure_of(group)
-    keep = np.sort(np.asarray(keep, dtype=np.int64))
-    heads = np.unique(keep // structure.head_size)
-    if not np.array_equal(keep, head_channels(heads, structure.head_size)):
-        raise ValueError(f"group {group.name}: the kept channels are not whole heads of {structure.head_size}")
-    kv_of_head = heads // structure.group_size
-    kv_heads, counts = np.unique(kv_of_head, return_counts=True)
-    if len(set(counts.tolist())) > 1:
-        raise ValueError(
-            f"group {group.name}: key/value heads keep different numbers of query heads ({counts.tolist()}), "
-            "which grouped-query attention cannot represent"
-        )
-    return heads, kv_heads
-
-
 def head_count_updates(module: nn.Module, old: HeadStructure, new: HeadStructure) -> dict[str, int]:
     """Return the integer attributes of `module` that hold a head count, with their new values.
 
@@ -625,8 +581,4 @@ def _roles_by_name(name: str) -> list[str]:
         return ["kv_width"] if width else ["kv"]
     return ["query_width"] if width else ["query"]
 
-
-def new_structure(group: ChannelGroup, keep: np.ndarray) -> HeadStructure:
-    heads, kv_heads = kept_heads(group, keep)
-    return HeadStructure(len(heads), len(kv_heads), group.unit)
 

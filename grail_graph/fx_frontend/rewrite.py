@@ -20,6 +20,7 @@ from grail_graph.errors import GrailError
 from grail_graph.frontend import GroupPlan
 from grail_graph.fx_frontend import attention
 from grail_graph.groups import BIAS, BN_ROLES, KEY_VALUE, ChannelGroup, WeightRef
+from grail_graph.heads import head_channels, kept_heads, kept_structure, structure_of
 
 logger = logging.getLogger(__name__)
 
@@ -169,10 +170,10 @@ def _key_value_channels(group: ChannelGroup, keep: np.ndarray) -> torch.Tensor |
     if not group.kv_heads:
         return None
     try:
-        _, kv_heads = attention.kept_heads(group, keep)
+        _, kv_heads = kept_heads(group, keep)
     except ValueError as error:
         raise GrailError(str(error), "Select whole heads with the select pass.") from error
-    return torch.as_tensor(attention.head_channels(kv_heads, group.unit), dtype=torch.long)
+    return torch.as_tensor(head_channels(kv_heads, group.unit), dtype=torch.long)
 
 
 def _projections(group: ChannelGroup) -> tuple[str, str, str]:
@@ -187,8 +188,8 @@ def _projections(group: ChannelGroup) -> tuple[str, str, str]:
 def _update_head_counts(model: nn.Module, plan: GroupPlan) -> None:
     """Set the head counts on the module that owns the projections, and on a uniform config."""
     group = plan.group
-    old = attention.structure_of(group)
-    new = attention.new_structure(group, plan.keep)
+    old = structure_of(group)
+    new = kept_structure(group, plan.keep)
     owner_name, query, key = _projections(group)
     owner = model.get_submodule(owner_name)
     for name, value in attention.head_count_updates(owner, old, new).items():

@@ -33,6 +33,7 @@ import numpy as np
 import onnx_ir as ir
 
 from grail_graph.groups import BIAS, KEY_VALUE, ChannelGroup, Declined, WeightRef
+from grail_graph.heads import HeadStructure, head_channels, kept_heads, structure_of
 from grail_graph.onnx_frontend.matcher import Decline, LINEAR_OPS, constant_array, describe_linear
 
 # Ops that pass a tensor through without touching its layout.
@@ -75,25 +76,15 @@ class ShapeEntry:
     role: str
 
 
-@dataclass(frozen=True)
-class HeadStructure:
-    query_heads: int
-    kv_heads: int
-    head_size: int
-
-    @property
-    def group_size(self) -> int:
-        return self.query_heads // self.kv_heads
-
-    def count(self, role: str) -> int:
-        """Return the count that a shape entry of `role` holds."""
-        return {
-            QUERY: self.query_heads,
-            KV: self.kv_heads,
-            GROUP: self.group_size,
-            QUERY_WIDTH: self.query_heads * self.head_size,
-            KV_WIDTH: self.kv_heads * self.head_size,
-        }[role]
+def role_count(structure: HeadStructure, role: str) -> int:
+    """Return the count that a shape entry of `role` carries."""
+    return {
+        QUERY: structure.query_heads,
+        KV: structure.kv_heads,
+        GROUP: structure.group_size,
+        QUERY_WIDTH: structure.query_heads * structure.head_size,
+        KV_WIDTH: structure.kv_heads * structure.head_size,
+    }[role]
 
 
 @dataclass
@@ -681,8 +672,8 @@ class AttentionMatcher:
         node = next(node for node in self.nodes if node.name == entry.node)
         holder, index, offset = shape_entry_source(node, entry.position)
         found = int(constant_array(holder.inputs[index]).reshape(-1)[offset])
-        if found != structure.count(entry.role):
-            raise Decline(f"entry {entry.position} of the target shape of {_describe(node)} is {found}, not the {entry.role} count {structure.count(entry.role)}")
+        if found != role_count(structure, entry.role):
+            raise Decline(f"entry {entry.position} of the target shape of {_describe(node)} is {found}, not the {entry.role} count {role_count(structure, entry.role)}")
 
 
 def find_head_groups(graph: ir.Graph) -> tuple[list[ChannelGroup], list[Declined], dict[str, tuple[ShapeEntry, ...]]]:
@@ -694,13 +685,9 @@ def head_count_changes(entries: tuple[ShapeEntry, ...], old: HeadStructure, new:
     """Return (node, position, new count) for every shape entry whose count changes."""
     changes = []
     for entry in entries:
-        if old.count(entry.role) != new.count(entry.role):
-            changes.append((entry.node, entry.position, new.count(entry.role)))
+        if role_count(old, entry.role) != role_count(new, entry.role):
+            changes.append((entry.node, entry.position, role_count(new, entry.role)))
     return changes
-
-
-def structure_of(group: ChannelGroup) -> HeadStructure:
-    return HeadStructure(group.width // group.unit, group.kv_heads, group.unit)
 
 
 def kept_structure(group: ChannelGroup, keep: np.ndarray) -> tuple[HeadStructure, np.ndarray]:
@@ -710,18 +697,7 @@ def kept_structure(group: ChannelGroup, keep: np.ndarray) -> tuple[HeadStructure
     heads kept in every kept key/value group, the layout that the repeated key/value
     heads of grouped-query attention can express.
     """
-    # NOTE: the same rule as kept_heads in grail_graph.fx_frontend.attention, restated here
-    # because that module imports torch and the ONNX front end does not.
     old = structure_of(group)
-    keep = np.sort(np.asarray(keep, dtype=np.int64))
-    heads = np.unique(keep // old.head_size)
-    if not np.array_equal(keep, (heads[:, None] * old.head_size + np.arange(old.head_size)).reshape(-1)):
-        raise ValueError(f"group {group.name}: the kept channels are not whole heads of {old.head_size}")
-    kv_heads, counts = np.unique(heads // old.group_size, return_counts=True)
-    if len(set(counts.tolist())) > 1:
-        raise ValueError(
-            f"group {group.name}: key/value heads keep different numbers of query heads ({counts.tolist()}), "
-            "which grouped-query attention cannot represent"
-        )
-    kv_channels = (kv_heads[:, None] * old.head_size + np.arange(old.head_size)).reshape(-1)
+    heads, kv_heads = kept_heads(group, keep)
+    kv_channels = head_channels(kv_heads, old.head_size)
     return HeadStructure(len(heads), len(kv_heads), old.head_size), kv_channels

@@ -10,6 +10,7 @@ from grail_graph.core import absorb, bias_correction, fold_linear_chain
 from grail_graph.errors import GrailError
 from grail_graph.frontend import GroupPlan
 from grail_graph.groups import BIAS, BN_ROLES, KEY_VALUE, ChannelGroup, WeightRef
+from grail_graph.heads import structure_of
 from grail_graph.onnx_frontend import attention
 from grail_graph.onnx_frontend.matcher import constant_array, reshape_shape_source
 
@@ -117,7 +118,7 @@ class GraphRewriter:
     def _set_head_counts(self, group: ChannelGroup, keep: np.ndarray) -> None:
         """Write the kept head counts into the Reshape and Expand target shapes of an attention-head group."""
         new, _ = attention.kept_structure(group, keep)
-        changes = attention.head_count_changes(self.head_shapes.get(group.name, ()), attention.structure_of(group), new)
+        changes = attention.head_count_changes(self.head_shapes.get(group.name, ()), structure_of(group), new)
         for node_name, position, count in changes:
             node = self.nodes[node_name]
             holder, index, _ = attention.shape_entry_source(node, position)
