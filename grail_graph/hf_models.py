@@ -1,8 +1,8 @@
 """Hugging Face transformers models as `hf:` specs, loaded from local files only.
 
 `hf:DIR` names a folder written by `save_pretrained` (config.json plus weights), or a
-folder holding one GGUF file, or `hf:FILE.gguf`. GGUF weights are dequantised to float32
-on load; other checkpoints keep their stored dtype, so an fp16 or bf16 model is
+folder that contains one GGUF file, or `hf:FILE.gguf`. GGUF weights are dequantised to
+float32 on load. Other checkpoints keep their stored dtype, so an fp16 or bf16 model is
 compressed and written back in that dtype.
 
 The model is wrapped so that it takes `input_ids` and returns one tensor: the logits of a
@@ -52,7 +52,7 @@ def _locate(path: Path) -> tuple[Path, str | None]:
         return path, gguf_files[0]
     if len(gguf_files) > 1:
         raise GrailError(
-            f"{str(path)!r} holds {len(gguf_files)} GGUF files ({', '.join(gguf_files)})",
+            f"{str(path)!r} contains {len(gguf_files)} GGUF files ({', '.join(gguf_files)})",
             "Name one of them: hf:DIR/FILE.gguf.",
         )
     raise GrailError(

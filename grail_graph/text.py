@@ -147,7 +147,11 @@ def torch_logits(model, device: str = "cpu") -> Callable[[np.ndarray], np.ndarra
     def logits_of(ids: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             output = model(input_ids=torch.from_numpy(ids).to(device))
-        logits = output.logits if hasattr(output, "logits") else output[0] if isinstance(output, tuple) else output
+        if hasattr(output, "logits"):
+            output = output.logits
+        elif isinstance(output, tuple):
+            output = output[0]
+        logits = output
         return logits.float().cpu().numpy()
 
     return logits_of
@@ -180,7 +184,7 @@ DEFAULT_CALIBRATION_WINDOWS = 128
 
 @dataclass(frozen=True)
 class TextOptions:
-    """Where text data comes from and how it is cut into token windows."""
+    """Text files for calibration and evaluation, and the token windows cut from them."""
 
     calib_text: Path | None = None
     eval_text: Path | None = None

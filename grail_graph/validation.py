@@ -123,9 +123,9 @@ TOKEN_BATCH_BYTES = 1 << 28
 def validate_tokens(reference: ort.InferenceSession, candidate: ort.InferenceSession, data: Dataset) -> dict[str, Any]:
     """Compare two language models on token windows, one block of windows at a time.
 
-    When the first output has a last axis that every token id indexes, it is read as
-    next-token logits and the report gives the perplexity of both models (exp of the mean
-    negative log-likelihood over all predicted positions, each window scored on its own).
+    When every token id indexes the last axis of the first output, that output is read as
+    next-token logits. The report then gives the perplexity of both models: exp of the mean
+    negative log-likelihood over all predicted positions, each window scored on its own.
     Otherwise the output is a sequence of hidden states, and the report gives the cosine
     similarity of their mean over positions, per window, as a sentence embedding.
     """

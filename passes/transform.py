@@ -37,7 +37,7 @@ COMPENSATIONS = ("ridge", "none")
 # Head removal modes. "kv" removes whole key/value heads together with the query heads
 # that read them. "query" removes the same number of query heads from every key/value
 # group and keeps all keys and values. "auto" (the default) takes query for grouped-query
-# and multi-query attention and kv for multi-head attention, where each group holds one
+# and multi-query attention and kv for multi-head attention, where each group has one
 # query head. On SmolLM2-135M (9 query, 3 key/value heads) removing 3 heads with ridge
 # compensation gave WikiText-2 perplexity 34.85 in query mode against 50.77 in kv mode
 # (docs/results-smollm2.md).

@@ -355,7 +355,7 @@ class AttentionMatcher:
         for node, linear in zip(nodes, linears):
             if not linear.channels_last:
                 raise Decline(f"projection {ops.describe(self.gm, node)} is not a Linear layer")
-            # NOTE: head groups address weights in the (out, in) layout of nn.Linear; a
+            # NOTE: head groups address weights in the (out, in) layout of nn.Linear, so a
             # projection written as x @ W with W stored (in, out) is declined.
             if linear.out_axis != 0:
                 raise Decline(f"projection {ops.describe(self.gm, node)} stores its weight as (in, out)")

@@ -21,7 +21,7 @@ The matcher starts at every Softmax and works on the graph alone:
    axis, and record the projections that read that value.
 
 Head counts and head sizes come from the value shapes that ONNX shape inference writes.
-Each Reshape or Expand on these paths whose target shape holds a head count or a width as a
+Each Reshape or Expand on these paths whose target shape contains a head count or a width as a
 constant is recorded as a `ShapeEntry`, so the rewrite can set the new count.
 """
 
@@ -43,7 +43,7 @@ BINARY = frozenset({"Add", "Sub", "Mul", "Div"})
 # or along the key axis, so they keep heads apart).
 SCORE_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Softmax", "IsNaN", "Where", "Cast", "Identity"})
 
-# Roles of a shape entry: the count it holds.
+# Roles of a shape entry: the count it contains.
 QUERY, KV, GROUP, QUERY_WIDTH, KV_WIDTH = "query", "kv", "group", "query_width", "kv_width"
 
 
@@ -54,7 +54,7 @@ class Layout:
     `head_axis` is None while the heads are merged into the last axis (head-major). Each
     source head appears `repeat` times in a row along the head axis. `repeat_axis` is an
     axis that an Expand grew right after the head axis, not yet merged into it. `leading`
-    means the head axis also holds the axes before it, heads innermost, as in the
+    means the head axis also contains the axes before it, heads innermost, as in the
     (batch * heads, sequence, head_size) view that exporters write around a transpose.
     """
 
@@ -69,7 +69,7 @@ class Layout:
 
 @dataclass(frozen=True)
 class ShapeEntry:
-    """Entry `position` of the target shape of Reshape or Expand `node`, which holds count `role`."""
+    """Entry `position` of the target shape of Reshape or Expand `node`, which contains count `role`."""
 
     node: str
     position: int
@@ -89,7 +89,7 @@ def role_count(structure: HeadStructure, role: str) -> int:
 
 @dataclass
 class _Path:
-    """What a forward walk from one projection found."""
+    """The result of a forward walk from one projection."""
 
     layout: Layout
     values: list[str]
@@ -131,7 +131,7 @@ def _attr(node: ir.Node, name: str, default):
 def _shape_input_entries(node: ir.Node) -> list[tuple[ir.Node, int, int] | str]:
     """Return, per entry of the target shape of a Reshape or Expand, where it comes from.
 
-    An entry is (holder node, input index, offset) when a constant holds it, or the string
+    An entry is (holder node, input index, offset) when a constant stores it, or the string
     "dynamic" when it is computed at run time. Raises Decline when the target is neither a
     constant nor a Concat along axis 0 of inputs of known length.
     """
@@ -155,7 +155,7 @@ def _shape_input_entries(node: ir.Node) -> list[tuple[ir.Node, int, int] | str]:
 
 
 def shape_entry_source(node: ir.Node, position: int) -> tuple[ir.Node, int, int] | None:
-    """Return (holder, input index, offset) of the constant that holds a target-shape entry, or None."""
+    """Return (holder, input index, offset) of the constant that stores a target-shape entry, or None."""
     source = _shape_input_entries(node)[position]
     return None if source == "dynamic" else source
 
@@ -651,7 +651,7 @@ class AttentionMatcher:
         )
 
     def _entries(self, structure, query, key, value, output) -> tuple[ShapeEntry, ...]:
-        """Give each recorded shape entry the role of the count it holds."""
+        """Give each recorded shape entry the role of the count it contains."""
         entries = []
         for path, kv in ((query.path, False), (key.path, True), (value.path, True), (output, False)):
             for node, position, kind, repeat in path.entries:

@@ -78,7 +78,7 @@ class OnnxFrontEnd:
         """Return the channel groups, with `heads` also the attention-head groups, and every declined candidate.
 
         The channel matcher declines the query, key and value projections because their
-        outputs are split into heads; those declines are dropped for projections that an
+        outputs are split into heads. Those declines are dropped for projections that an
         attention-head group compresses.
         """
         groups, declined = matcher.find_groups(self.model.graph)
