@@ -52,10 +52,17 @@ class CompressionState:
     rewritten: set[str] = field(default_factory=set)
     verdicts: dict[str, str] = field(default_factory=dict)
     validation: dict[str, Any] = field(default_factory=dict)
+    pipeline: list[Pass] = field(default_factory=list)
+    """The passes `run_pipeline` runs on this state."""
 
     @property
     def current_groups(self) -> list[ChannelGroup]:
         return self.groups if self.active is None else self.active
+
+    @property
+    def kept_whole(self) -> set[str]:
+        """Names of the groups that a pass of the pipeline keeps whole whatever their statistics."""
+        return {group.name for group in self.groups if any(p.keeps_whole(group, self.pipeline) for p in self.pipeline)}
 
     def require(self, what: str, present: bool, pass_name: str, fix: str) -> None:
         if not present:
@@ -87,6 +94,13 @@ class Pass(ABC):
 
     @abstractmethod
     def run(self, state: CompressionState) -> PassResult: ...
+
+    def keeps_whole(self, group: ChannelGroup, pipeline: list[Pass]) -> bool:
+        """Return True when this pass, run in `pipeline`, keeps every channel of `group`.
+
+        Calibration skips such groups. The default is False: the pass may narrow any group.
+        """
+        return False
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and self.options == other.options

@@ -137,7 +137,7 @@ def _groupwise_segment(passes: list[Pass]) -> tuple[int, int] | None:
     return None
 
 
-SUMMED_STATISTICS = frozenset({"groups", "fallbacks"})
+SUMMED_STATISTICS = frozenset({"groups", "groups_kept_whole", "fallbacks"})
 
 
 def _run_one(instance: Pass, state: CompressionState, verify_each: bool, record: dict[str, Any] | None) -> dict[str, Any]:
@@ -154,8 +154,8 @@ def _run_one(instance: Pass, state: CompressionState, verify_each: bool, record:
     previous = record.get("statistics", {})
     record["statistics"] = dict(result.statistics)
     # Counts add up over the per-group runs of a group-wise segment; other values are the last run's.
-    for key in SUMMED_STATISTICS & previous.keys() & result.statistics.keys():
-        record["statistics"][key] = previous[key] + result.statistics[key]
+    for key in SUMMED_STATISTICS & (previous.keys() | result.statistics.keys()):
+        record["statistics"][key] = previous.get(key, 0) + result.statistics.get(key, 0)
     return record
 
 
@@ -167,6 +167,7 @@ def run_pipeline(passes: list[Pass], state: CompressionState, verify_each: bool 
     group-wise segment (see `_groupwise_segment`) run once per group; their record sums
     the time and keeps the statistics of the last run.
     """
+    state.pipeline = list(passes)
     groupwise = _groupwise_segment(passes)
     segment = groupwise or (len(passes), len(passes))
     records = [_run_one(instance, state, verify_each, None) for instance in passes[: segment[0]]]

@@ -109,7 +109,8 @@ class Calibrate(Pass):
         data = state.calibration
         if self.options.samples:
             data = data.subset(0, self.options.samples)
-        groups = state.current_groups
+        # Groups the pipeline keeps whole (attention heads at head sparsity 0) need no statistics.
+        groups = [group for group in state.current_groups if group.name not in state.kept_whole]
         held_out = int(len(data) * self.options.holdout)
         if self.options.holdout and not 0 < held_out < len(data):
             raise GrailError(
@@ -124,19 +125,29 @@ class Calibrate(Pass):
                 held = data.subset(len(data) - held_out)
                 self._record(state, groups, held, state.heldout_stats, state.heldout_crosses, bar.update)
         statistics = {"samples": len(fit), "groups": len(groups), "statistics": self.options.statistics}
+        if len(groups) < len(state.current_groups):
+            statistics["groups_kept_whole"] = len(state.current_groups) - len(groups)
         if held_out:
             statistics["held_out_samples"] = len(data) - len(fit)
         return PassResult(False, statistics)
 
     def _record(self, state: CompressionState, groups, data, stats: dict, crosses: dict, progress) -> None:
+        """Record the statistics of `groups` on `data`.
+
+        One-shot and sequential statistics are Grams of the front end's current model; they
+        differ only in when this runs (see the pipeline's group-wise segment). Cross
+        statistics also run the original model on each batch.
+        """
+        if not groups:
+            progress(len(data))
+            return
         batches = data.batches(self.options.batch_size)
-        if self.options.statistics == "oneshot":
+        if self.options.statistics != "cross":
             stats.update(state.frontend.calibrate(groups, batches, progress))
             return
         recorded, recorded_crosses = state.frontend.calibrate_with_reference(groups, batches, progress)
         stats.update(recorded)
-        if self.options.statistics == "cross":
-            crosses.update(recorded_crosses)
+        crosses.update(recorded_crosses)
 
 
 @dataclass(frozen=True)
@@ -179,17 +190,26 @@ class Select(Pass):
     summary = "Choose the channels each group keeps."
     Options = SelectOptions
 
+    def keeps_whole(self, group, pipeline) -> bool:
+        """Attention-head groups stay whole at head sparsity 0 unless an allocation gives them a width."""
+        allocated = any(instance.name == "allocate" for instance in pipeline)
+        return bool(group.kv_heads) and self.options.head_sparsity == 0.0 and not allocated
+
     def run(self, state: CompressionState) -> PassResult:
         options = self.options
         needs_gram = options.method in ("wanda", "gram", *FOLD_METHODS)
+        measured = [group for group in state.current_groups if not self.keeps_whole(group, state.pipeline)]
         state.require(
-            "Gram statistics", not needs_gram or bool(state.stats) or not state.groups, self.name,
+            "Gram statistics", not needs_gram or bool(state.stats) or not measured, self.name,
             "Run 'calibrate' before 'select', or use select{method=magnitude}.",
         )  # fmt: skip
         for group in state.current_groups:
             k = state.widths.get(group.name) or kept_width(group.width, options.sparsity, options.multiple)
             stats = state.stats.get(group.name)
             method = options.method
+            if self.keeps_whole(group, state.pipeline):
+                state.keeps[group.name] = np.arange(group.width)
+                continue
             if group.kv_heads:
                 state.keeps[group.name] = self._select_heads(state, group, stats)
                 continue
@@ -306,14 +326,15 @@ class Compensate(Pass):
     def run(self, state: CompressionState) -> PassResult:
         options = self.options
         ridge = options.method == "ridge"
+        state.require("a selection", bool(state.keeps) or not state.groups, self.name, "Run 'select' first.")
+        narrowed = [g for g in state.current_groups if len(state.keeps.get(g.name, range(g.width))) < g.width]
         state.require(
-            "Gram statistics", not ridge or bool(state.stats) or not state.groups, self.name,
+            "Gram statistics", not ridge or bool(state.stats) or not narrowed, self.name,
             "Run 'calibrate' before 'compensate', or use compensate{method=none}.",
         )  # fmt: skip
-        state.require("a selection", bool(state.keeps) or not state.groups, self.name, "Run 'select' first.")
         if options.fallback:
             state.require(
-                "held-out statistics", bool(state.heldout_stats) or not state.groups, self.name,
+                "held-out statistics", bool(state.heldout_stats) or not narrowed, self.name,
                 "Use calibrate{holdout=0.1} (any fraction above 0) before compensate{fallback=true}.",
             )  # fmt: skip
         errors_sliced, errors_final = [], []

@@ -343,6 +343,40 @@ def test_compensated_heads_trace_again(statistics: str):
     torch.export.export(compressed, (), example())
 
 
+@pytest.mark.parametrize("statistics", ["oneshot", "sequential"])
+def test_heads_kept_whole_are_not_calibrated(statistics: str):
+    frontend = FxFrontEnd(tiny_llama(), example(), device="cpu")
+    state = CompressionState(frontend=frontend, calibration=TensorBatches(token_batches()))
+    text = f"find-groups,calibrate{{statistics={statistics}}},select{{method=wanda sparsity=0.5}},compensate,rewrite"
+
+    records = run_pipeline(parse_pipeline(text), state)
+
+    heads = [group for group in state.groups if group.kv_heads]
+    assert len(heads) == 2
+    calibrate = next(record for record in records if record["pass"] == "calibrate")["statistics"]
+    assert calibrate["groups"] == len(state.groups) - len(heads)
+    assert calibrate["groups_kept_whole"] == len(heads)
+    for group in heads:
+        assert state.verdicts[group.name] == f"unchanged: all {group.width} channels kept"
+    assert frontend.model.model.layers[0].mlp.down_proj.weight.shape == (32, 24)
+
+
+def test_sequential_statistics_run_only_the_current_model(monkeypatch):
+    frontend = FxFrontEnd(tiny_llama(), example(), device="cpu")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("sequential statistics ran the original model")
+
+    monkeypatch.setattr(frontend, "calibrate_with_reference", refuse)
+    state = CompressionState(frontend=frontend, calibration=TensorBatches(token_batches()))
+    text = "find-groups,calibrate{statistics=sequential},select{method=wanda sparsity=0.5 head-sparsity=0.5},compensate,rewrite"
+
+    run_pipeline(parse_pipeline(text), state)
+
+    assert frontend.model.model.layers[1].self_attn.o_proj.weight.shape == (32, 16)
+    assert frontend.model.model.layers[1].mlp.down_proj.weight.shape == (32, 24)
+
+
 # Selection in units ----------------------------------------------------------------------------
 
 

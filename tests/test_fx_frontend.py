@@ -769,6 +769,54 @@ def test_model_failure_is_data_error(hooked, with_reference):
         run_calibration(front, group, batches, with_reference)
 
 
+class SharedConsumer(nn.Module):
+    """An MLP whose second layer runs twice, on the hidden value and on twice the hidden value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(16, 8)
+
+    def forward(self, x):
+        hidden = self.act(self.fc1(x))
+        return self.fc2(hidden) + self.fc2(2.0 * hidden)
+
+
+@pytest.mark.parametrize("with_reference", [False, True])
+@pytest.mark.parametrize("hooked", [True, False])
+def test_calibration_stops_after_last_tap(hooked, with_reference):
+    model = seeded(Mlp)
+    front = FxFrontEnd(model, device="cpu")
+    group = calibration_group(front, hooked)
+    consumer_runs = []
+    front.model.fc2.register_forward_hook(lambda *_: consumer_runs.append(1))
+    front.reference.fc2.register_forward_hook(lambda *_: consumer_runs.append(1))
+    batches = random_batches(TOKEN_SHAPE)
+
+    stats = run_calibration(front, group, batches, with_reference)
+    if with_reference:
+        stats = stats[0]
+
+    assert consumer_runs == []
+    rows = tap_rows(capture_output(model.act, model, batches), group.channels_last)
+    np.testing.assert_allclose(stats[group.name].gram, rows.T @ rows, rtol=1e-5, atol=1e-5)
+
+
+def test_calibration_records_every_call_of_a_shared_consumer():
+    model = seeded(SharedConsumer)
+    front = FxFrontEnd(model, device="cpu")
+    group = only_group(FxFrontEnd(seeded(Mlp), device="cpu").find_groups()[0])
+    batches = random_batches(TOKEN_SHAPE)
+
+    stats = front.calibrate([group], batches)[group.name]
+
+    rows = tap_rows(capture_output(model.act, model, batches), group.channels_last)
+    both = np.concatenate([rows, 2.0 * rows])
+    assert stats.count == both.shape[0]
+    np.testing.assert_allclose(stats.gram, both.T @ both, rtol=1e-5, atol=1e-4)
+
+
 # Bad input ----------------------------------------------------------------------------------
 
 

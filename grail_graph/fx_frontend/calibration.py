@@ -7,6 +7,9 @@ fx Interpreter that reads the tap node's value. Either way the tap is flattened 
 float64) on the model's device, and it is added to a float64 `GramAccumulator` on the
 host. Nothing is changed and no activation is kept after its batch.
 
+A forward pass ends as soon as every tap of the batch is recorded, because the model's
+outputs are never needed. A group early in the graph costs a fraction of a full pass.
+
 A failure while the model runs on a batch is reported as a `DataError` that names the
 batch shape. A failure in the recording code itself (a tap whose shape disagrees with
 its group, say) is an internal `GrailError` that names the group.
@@ -14,6 +17,7 @@ its group, say) is an internal `GrailError` that names the group.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from functools import partial
 
@@ -55,6 +59,49 @@ class _RecordingFailure(Exception):
         )
 
 
+class _TapsRecorded(Exception):
+    """Raised inside a forward pass to end it once every tap of the batch is recorded."""
+
+
+class _Countdown:
+    """Count recordings within one batch and end the forward pass after the last one.
+
+    `expected` is the number of recordings one forward pass makes, or None when it is not
+    known (a hooked module the traced graph does not call by name), in which case every
+    pass runs to the end.
+    """
+
+    def __init__(self, expected: int | None) -> None:
+        self.expected = expected
+        self.left = expected
+
+    def start(self) -> None:
+        self.left = self.expected
+
+    def tick(self) -> None:
+        if self.left is None:
+            return
+        self.left -= 1
+        if self.left == 0:
+            raise _TapsRecorded
+
+
+def _expected_recordings(gm: fx.GraphModule, hooked: list[str], tapped: int) -> int | None:
+    """Return how many recordings one forward pass makes: one per tap node, one per hooked call."""
+    calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
+    if any(calls[path] == 0 for path in hooked):
+        return None
+    return tapped + sum(calls[path] for path in hooked)
+
+
+def _run_until_recorded(runner, batch, device: torch.device, countdown: _Countdown) -> None:
+    countdown.start()
+    try:
+        run_batch(runner, batch, device)
+    except _TapsRecorded:
+        pass
+
+
 def _guarded(group: ChannelGroup, hidden, action: Callable[[], None]) -> None:
     """Run `action`, a recording step on `hidden`, and raise any failure of it as _RecordingFailure."""
     try:
@@ -70,10 +117,11 @@ def _record(hidden: torch.Tensor, group: ChannelGroup, stats: GramAccumulator) -
     stats.add_partial(gram, sums, rows.shape[0])
 
 
-def _make_hook(group: ChannelGroup, stats: GramAccumulator):
+def _make_hook(group: ChannelGroup, stats: GramAccumulator, countdown: _Countdown):
     def hook(module: nn.Module, args: tuple) -> None:
         hidden = args[0] if args else None
         _guarded(group, hidden, lambda: _record(hidden, group, stats))
+        countdown.tick()
 
     return hook
 
@@ -81,20 +129,28 @@ def _make_hook(group: ChannelGroup, stats: GramAccumulator):
 class TapRecorder(fx.Interpreter):
     """Run a traced graph and record the Gram of each tap node as it is computed."""
 
-    def __init__(self, gm: fx.GraphModule, taps: dict[str, list[tuple[ChannelGroup, GramAccumulator]]]) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, taps: dict[str, list[tuple[ChannelGroup, GramAccumulator]]], countdown: _Countdown
+    ) -> None:
         super().__init__(gm)
         self.taps = taps
+        self.countdown = countdown
 
     def run_node(self, node: fx.Node):
         result = super().run_node(node)
         for group, stats in self.taps.get(node.name, ()):
             _guarded(group, result, lambda: _record(result, group, stats))
+            self.countdown.tick()
         return result
+
+
+def _module_path(group: ChannelGroup) -> str:
+    return group.consumers[0].node.rpartition(".")[0]
 
 
 def _hookable(model: nn.Module, group: ChannelGroup) -> nn.Module | None:
     try:
-        module = model.get_submodule(group.consumers[0].node.rpartition(".")[0])
+        module = model.get_submodule(_module_path(group))
     except AttributeError:
         return None
     return module if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) else None
@@ -153,18 +209,20 @@ def calibrate(
     stats = {group.name: GramAccumulator(group.width) for group in groups}
     handles = []
     taps: dict[str, list[tuple[ChannelGroup, GramAccumulator]]] = {}
+    hooked = [group for group in groups if _hookable(model, group) is not None]
+    countdown = _Countdown(_expected_recordings(gm, [_module_path(g) for g in hooked], len(groups) - len(hooked)))
     try:
         for group in groups:
             consumer = _hookable(model, group)
             if consumer is None:
                 taps.setdefault(group.tap, []).append((group, stats[group.name]))
             else:
-                handles.append(consumer.register_forward_pre_hook(_make_hook(group, stats[group.name])))
-        runner = _InterpreterModule(TapRecorder(gm, taps)) if taps else model
+                handles.append(consumer.register_forward_pre_hook(_make_hook(group, stats[group.name], countdown)))
+        runner = _InterpreterModule(TapRecorder(gm, taps, countdown)) if taps else model
         with torch.no_grad():
             for index, batch in enumerate(batches):
                 try:
-                    run_batch(runner, batch, device)
+                    _run_until_recorded(runner, batch, device, countdown)
                 except _RecordingFailure as failure:
                     raise failure.to_error() from failure.cause
                 except (RuntimeError, AssertionError, TypeError, ValueError) as error:
@@ -189,11 +247,15 @@ def _collect_rows(model: nn.Module, gm: fx.GraphModule, groups: list[ChannelGrou
     handles = []
     taps: dict[str, list[ChannelGroup]] = {}
 
+    hooked = [group for group in groups if _hookable(model, group) is not None]
+    countdown = _Countdown(_expected_recordings(gm, [_module_path(g) for g in hooked], len(groups) - len(hooked)))
+
     def keep(group: ChannelGroup, hidden: torch.Tensor) -> None:
         def store() -> None:
             rows[group.name] = _rows(hidden.detach(), group)
 
         _guarded(group, hidden, store)
+        countdown.tick()
 
     try:
         for group in groups:
@@ -203,7 +265,7 @@ def _collect_rows(model: nn.Module, gm: fx.GraphModule, groups: list[ChannelGrou
             else:
                 handles.append(consumer.register_forward_pre_hook(lambda m, args, g=group: keep(g, args[0] if args else None)))
         runner = _InterpreterModule(_RowRecorder(gm, taps, keep)) if taps else model
-        run_batch(runner, batch, device)
+        _run_until_recorded(runner, batch, device, countdown)
     finally:
         for handle in handles:
             handle.remove()
