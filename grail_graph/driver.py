@@ -7,6 +7,8 @@ could run one job per worker process without change.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -213,6 +215,9 @@ def compress_file(model_spec: str | Path, output_path: str | Path, options: JobO
         else:
             opened = _open_onnx(Path(model_spec), options)
         frontend, calibration, evaluation, evaluation_note, reference = opened
+        pipeline_text = print_pipeline(passes)
+        frontend.set_metadata("grail_opt.pipeline", pipeline_text)
+        frontend.set_metadata("grail_opt.version", tool_version())
         state = CompressionState(
             frontend=frontend,
             calibration=calibration,
@@ -220,20 +225,17 @@ def compress_file(model_spec: str | Path, output_path: str | Path, options: JobO
             reference_model=reference,
             device=options.device,
             show_progress=options.show_progress,
+            scratch=Path(folder),
         )
         records = run_pipeline(passes, state, verify_each=options.verify_each)
-    if not state.groups:
-        reasons = "; ".join(f"{d.candidate}: {d.reason}" for d in state.declined) or "no Conv, Gemm or MatMul with constant weights"
-        raise GrailError(
-            f"{model_spec} has no compressible channel group ({reasons})",
-            "Nothing was written. grail-opt narrows hidden channels between a Conv, Gemm or MatMul "
-            "and the Conv, Gemm or MatMul that reads them.",
-        )
-
-    pipeline_text = print_pipeline(passes)
-    frontend.set_metadata("grail_opt.pipeline", pipeline_text)
-    frontend.set_metadata("grail_opt.version", tool_version())
-    written = frontend.save(output_path)
+        if not state.groups:
+            reasons = "; ".join(f"{d.candidate}: {d.reason}" for d in state.declined) or "no Conv, Gemm or MatMul with constant weights"
+            raise GrailError(
+                f"{model_spec} has no compressible channel group ({reasons})",
+                "Nothing was written. grail-opt narrows hidden channels between a Conv, Gemm or MatMul "
+                "and the Conv, Gemm or MatMul that reads them.",
+            )
+        written = _write_output(frontend, state.exported if torch_model else [], output_path)
     return {
         "model": str(model_spec),
         "output": str(output_path),
@@ -249,6 +251,26 @@ def compress_file(model_spec: str | Path, output_path: str | Path, options: JobO
         ],
         "validation": state.validation,
     }
+
+
+def _write_output(frontend, exported: list[Path], output_path: Path) -> list[Path]:
+    """Write the compressed model to `output_path` and return the files written.
+
+    A PyTorch model's ONNX export takes minutes for a language model, so a single file
+    that the validate pass exported from the final model is copied instead of exporting
+    again. The copy goes to a temporary file beside the output, then is renamed into place.
+    """
+    if len(exported) != 1:
+        return frontend.save(output_path)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=output_path.parent, prefix=".grail-tmp-", suffix=".onnx", delete=False) as handle:
+        temporary = Path(handle.name)
+    try:
+        shutil.copyfile(exported[0], temporary)
+        os.replace(temporary, output_path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return [output_path]
 
 
 def _group_record(state: CompressionState, group) -> dict[str, Any]:

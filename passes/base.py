@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -54,6 +55,10 @@ class CompressionState:
     validation: dict[str, Any] = field(default_factory=dict)
     pipeline: list[Pass] = field(default_factory=list)
     """The passes `run_pipeline` runs on this state."""
+    scratch: Path | None = None
+    """A folder that outlives the pipeline, where `validate` keeps the model file it checked."""
+    exported: list[Path] = field(default_factory=list)
+    """Files of the current model written by a pass; emptied when a later pass changes the model."""
 
     @property
     def current_groups(self) -> list[ChannelGroup]:

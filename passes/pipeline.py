@@ -144,6 +144,8 @@ def _run_one(instance: Pass, state: CompressionState, verify_each: bool, record:
     start = time.perf_counter()
     logger.info("running pass %s", print_pass(instance))
     result = instance.run(state)
+    if result.changed:
+        state.exported = []
     if verify_each and result.changed:
         state.frontend.verify()
     if record is None:

@@ -33,8 +33,9 @@ class Validate(Pass):
         state.require("held-out data", state.evaluation is not None, self.name, "Pass --eval, or more --calib samples.")
         state.require("the original model", state.reference_model is not None, self.name, "Load the model from a file.")
         with tempfile.TemporaryDirectory(prefix="grail-validate-") as tmp:
-            candidate = Path(tmp) / "compressed.onnx"
-            state.frontend.save(candidate)
+            folder = Path(tmp) if state.scratch is None else state.scratch
+            candidate = folder / "compressed.onnx"
+            written = state.frontend.save(candidate)
             state.validation = validate(
                 state.reference_model,
                 candidate,
@@ -44,6 +45,7 @@ class Validate(Pass):
                 latency_runs=self.options.latency_runs,
                 show_progress=state.show_progress,
             )
+            state.exported = [] if state.scratch is None else written
         keys = (
             "max_abs_error", "cosine_similarity", "top1_agreement", "accuracy_before", "accuracy_after",
             "perplexity_before", "perplexity_after", "embedding_cosine",

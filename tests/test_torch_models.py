@@ -66,6 +66,28 @@ def test_saved_module_compresses_to_onnx(tmp_path, calib):
     assert report["validation"]["cosine_similarity"] > 0.5
 
 
+def test_validated_export_is_written_once(tmp_path, calib, monkeypatch):
+    from grail_graph.fx_frontend.frontend import FxFrontEnd
+
+    exports = []
+    save = FxFrontEnd.save
+    monkeypatch.setattr(FxFrontEnd, "save", lambda self, path: exports.append(path) or save(self, path))
+    torch.manual_seed(0)
+    model_path = tmp_path / "net.pt"
+    torch.save(SmallNet().eval(), model_path)
+    output = tmp_path / "small.onnx"
+
+    code, report = _run([str(model_path), "--calib", str(calib), "--sparsity", "0.5", "-o", str(output)], tmp_path)
+
+    assert code == 0
+    assert len(exports) == 1
+    assert report["files"] == [str(output)]
+    assert "cosine_similarity" in report["validation"]
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["grail_opt.pipeline"] == report["pipeline"]
+    assert not list(tmp_path.glob(".grail-tmp-*"))
+
+
 def test_exported_program_compresses(tmp_path, calib):
     torch.manual_seed(0)
     batch = torch.export.Dim("batch")
