@@ -364,10 +364,10 @@ def test_heads_kept_whole_are_not_calibrated(statistics: str):
 def test_sequential_statistics_run_only_the_current_model(monkeypatch):
     frontend = FxFrontEnd(tiny_llama(), example(), device="cpu")
 
-    def refuse(*args, **kwargs):
+    def reject_reference_run(*args, **kwargs):
         raise AssertionError("sequential statistics ran the original model")
 
-    monkeypatch.setattr(frontend, "calibrate_with_reference", refuse)
+    monkeypatch.setattr(frontend, "calibrate_with_reference", reject_reference_run)
     state = CompressionState(frontend=frontend, calibration=TensorBatches(token_batches()))
     text = "find-groups,calibrate{statistics=sequential},select{method=wanda sparsity=0.5 head-sparsity=0.5},compensate,rewrite"
 
@@ -375,6 +375,23 @@ def test_sequential_statistics_run_only_the_current_model(monkeypatch):
 
     assert frontend.model.model.layers[1].self_attn.o_proj.weight.shape == (32, 16)
     assert frontend.model.model.layers[1].mlp.down_proj.weight.shape == (32, 24)
+
+
+def test_bfloat16_llama_keeps_dtype_and_gains_from_ridge():
+    model = tiny_llama().to(torch.bfloat16)
+    batches = token_batches()
+    select = "select{method=wanda sparsity=0.5 head-sparsity=0.5}"
+    ridge = compress(model, batches, pipeline=f"find-groups,calibrate,{select},compensate{{alpha=0.001}},rewrite", device="cpu")
+    sliced = compress(model, batches, pipeline=f"find-groups,calibrate,{select},compensate{{method=none}},rewrite", device="cpu")
+
+    assert {parameter.dtype for parameter in ridge.parameters()} == {torch.bfloat16}
+    assert ridge.model.layers[0].mlp.down_proj.weight.shape == (32, 24)
+    assert ridge.model.layers[0].self_attn.o_proj.weight.shape == (32, 16)
+    dense = torch.cat([output_of(model, batch).float() for batch in batches])
+    with_ridge = torch.cat([output_of(ridge, batch).float() for batch in batches])
+    without = torch.cat([output_of(sliced, batch).float() for batch in batches])
+    assert torch.isfinite(with_ridge).all()
+    assert (with_ridge - dense).norm() < (without - dense).norm()
 
 
 # Selection in units ----------------------------------------------------------------------------
