@@ -197,6 +197,92 @@ def run_row(row: Row, base: FxFrontEnd, groups, stats, batches, evaluation: np.n
     }
 
 
+# Models timed in ONNX Runtime against the dense model: (label, passes). They run on every
+# group, MLP channels and attention heads alike, with one-shot Grams.
+LATENCY_ROWS = [
+    ("MLP 20%", "select{method=wanda sparsity=0.2 multiple=1},compensate{alpha=0},rewrite"),
+    ("MLP 20%, widths a multiple of 64", "select{method=wanda sparsity=0.2 multiple=64},compensate{alpha=0},rewrite"),
+    ("MLP 20% + heads 33%", "select{method=wanda sparsity=0.2 multiple=1 head-sparsity=0.33},compensate{alpha=0},rewrite"),
+    ("MLP 20% + heads 33%, widths a multiple of 64",
+     "select{method=wanda sparsity=0.2 multiple=64 head-sparsity=0.33},compensate{alpha=0},rewrite"),
+]  # fmt: skip
+LATENCY_RUNS = 20
+
+
+def export_for_latency(frontend: FxFrontEnd, path: Path) -> Path:
+    """Export with a dynamic sequence axis, so one file serves every window length."""
+    frontend.dynamic_axes = [(1,)]
+    if not path.exists():
+        frontend.save(path)
+    return path
+
+
+def measure_latency_rows(base: FxFrontEnd, groups, stats, evaluation: np.ndarray, folder: Path) -> dict:
+    """Compress the LATENCY_ROWS models, export them and time them against the dense model in ONNX Runtime.
+
+    All models are timed in one process with their runs interleaved, at batch 1 on the first
+    evaluation window, with ONNX Runtime's default threads and with one intra-op thread.
+    """
+    from grail_graph.text import onnx_logits
+    from grail_graph.validation import measure_latency
+    from tools.benchmark_resnet import measure_latency_one_thread
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dense = copy.deepcopy(base)
+    paths = [export_for_latency(dense, folder / "dense.onnx")]
+    rows: dict[str, dict] = {"dense": {"parameters": parameter_count(dense.model)}}
+    for index, (label, passes) in enumerate(LATENCY_ROWS):
+        frontend = copy.deepcopy(base)
+        state = CompressionState(frontend=frontend, device="cpu", groups=list(groups), stats=dict(stats))
+        run_pipeline(parse_pipeline(passes), state, verify_each=False)
+        path = export_for_latency(frontend, folder / f"compressed-{index}.onnx")
+        mlp_widths = sorted({len(plan.keep) for plan in state.plans.values() if not plan.group.kv_heads})
+        rows[label] = {
+            "parameters": parameter_count(frontend.model),
+            "perplexity": perplexity(onnx_logits(path), evaluation).value,
+            "mlp_widths": mlp_widths,
+        }
+        paths.append(path)
+        logger.info("%s: perplexity %.3f in ONNX Runtime", label, rows[label]["perplexity"])
+    sample = {"input": evaluation[:1]}
+    default = measure_latency(paths, sample, ["CPUExecutionProvider"], LATENCY_RUNS)
+    single = measure_latency_one_thread(paths, sample, ["CPUExecutionProvider"], LATENCY_RUNS)
+    for label, default_ms, single_ms in zip(rows, default, single):
+        rows[label].update({"default_ms": default_ms, "one_thread_ms": single_ms})
+    return {"runs": LATENCY_RUNS, "tokens": int(evaluation.shape[1]), "rows": rows}
+
+
+def latency_section(latency: dict) -> list[str]:
+    rows = latency["rows"]
+    dense = rows["dense"]
+    table = []
+    for label, row in rows.items():
+        widths = ", ".join(str(width) for width in row.get("mlp_widths", [1536]))
+        table.append([
+            label,
+            widths,
+            f"{row['parameters']:,}",
+            "-" if label == "dense" else f"{row['perplexity']:.2f}",
+            f"{row['default_ms']:.0f}",
+            f"{row['default_ms'] / dense['default_ms']:.2f}",
+            f"{row['one_thread_ms']:.0f}",
+            f"{row['one_thread_ms'] / dense['one_thread_ms']:.2f}",
+        ])  # fmt: skip
+    header = ["model", "MLP width", "parameters", "perplexity (ORT)", "ms, default threads", "ratio", "ms, 1 thread", "ratio"]
+    return [
+        "## Latency in ONNX Runtime",
+        "",
+        f"One window of {latency['tokens']} tokens at batch 1, the median of {latency['runs']} runs per model with "
+        "the runs of all models interleaved in one process, with ONNX Runtime's default threads and with one "
+        "intra-op thread. The ratio is the time against the dense model in the same run. Every model is the "
+        "front end's ONNX export with a dynamic sequence axis; compressed models use one-shot Grams, Wanda and "
+        "ridge alpha = 0, and heads are removed in query mode (one query head per key/value group).",
+        "",
+        markdown_table(header, table),
+        "",
+    ]
+
+
 ONNX_CHECK_LABEL = "MLP 20%, wanda, ridge alpha=0"
 
 
@@ -247,7 +333,7 @@ def findings(results: dict[str, dict]) -> list[str]:
         after, before = value(better), value(base)
         if after is not None and before is not None:
             lines.append(f"- {text}: {before:,.2f} -> {after:,.2f} ({100 * (after - before) / before:+.1f}%).")
-    for label in ("MLP 20%, wanda, ridge alpha=0", "MLP 20%, wanda, ridge alpha=1e-3"):
+    for label in (label for label in EARLIER if "ridge" in label):
         if value(label) is not None:
             change = 100 * (value(label) - EARLIER[label]) / EARLIER[label]
             lines.append(f"- `{label}` against the earlier implementation: {EARLIER[label]:.2f} -> {value(label):.2f} ({change:+.1f}%).")
@@ -266,7 +352,7 @@ def format_page(store: Store, facts: dict, command: str, dense_parameters: int) 
     dense = results["dense"]
     rows = []
     for label, result in results.items():
-        if label == "onnx check":
+        if label in ("onnx check", "latency"):
             continue
         earlier = EARLIER.get(label)
         shown_earlier = "-" if earlier is None else f"{earlier:,.2f}"
@@ -315,6 +401,8 @@ def format_page(store: Store, facts: dict, command: str, dense_parameters: int) 
         "",
         *findings(results),
     ]
+    if "latency" in store.results:
+        lines += latency_section(store.results["latency"])
     check = store.results.get("onnx check")
     if check is not None:
         lines += [
@@ -337,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--onnx-check", action="store_true", help=f"also export the `{ONNX_CHECK_LABEL}` model and score it in ONNX Runtime"
     )
+    parser.add_argument(
+        "--latency", action="store_true", help="also time compressed models against the dense model in ONNX Runtime"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logger.setLevel(logging.INFO)
@@ -355,10 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     batches = TensorBatches(torch.from_numpy(calibration[i : i + BATCH_WINDOWS]) for i in range(0, CALIB_WINDOWS, BATCH_WINDOWS))
     pending = [row for row in ROWS[: args.rows] if row.label not in store.results]
     check = args.onnx_check and "onnx check" not in store.results
-    if pending or check:
+    latency = args.latency and "latency" not in store.results
+    if pending or check or latency:
         base = FxFrontEnd(model, example_inputs=torch.from_numpy(calibration[:2]), device="cpu")
         state = CompressionState(frontend=base, calibration=batches, device="cpu")
-        oneshot = check or any(row.statistics == "oneshot" for row in pending)
+        oneshot = check or latency or any(row.statistics == "oneshot" for row in pending)
         prepare = "find-groups,calibrate{statistics=oneshot}" if oneshot else "find-groups"
         run_pipeline(parse_pipeline(prepare), state, verify_each=False)
         for row in pending:
@@ -367,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
             logger.info("%s: perplexity %.3f (%.0f s)", row.label, result["perplexity"], result["seconds"])
         if check:
             store.put("onnx check", onnx_check(base, state.groups, state.stats, batches, evaluation, args.work_dir))
+        if latency:
+            store.put("latency", measure_latency_rows(base, state.groups, state.stats, evaluation, args.work_dir / "latency"))
 
     facts = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
