@@ -485,6 +485,23 @@ def test_gram_greedy_beats_random(seed):
     assert greedy <= random
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_gram_greedy_equals_brute_force_greedy(seed):
+    # Each step must add the channel whose compensated output error is lowest.
+    x = correlated_activations(40 + seed)
+    gram, consumers = x.T @ x, consumers_for(50 + seed)
+    chosen: list[int] = []
+    for _ in range(7):
+        errors = {
+            j: reconstruction_error(gram, consumers, prune_map(gram, sorted([*chosen, j]), 0.0), sorted([*chosen, j]))
+            for j in range(WIDTH)
+            if j not in chosen
+        }
+        chosen.append(min(errors, key=errors.get))
+
+    np.testing.assert_array_equal(gram_greedy_select(gram, consumers, 7), sorted(chosen))
+
+
 def test_gram_greedy_fills_zero_pivots_by_wanda(caplog):
     # Only channels 0 and 1 are active, so after two picks every pivot is zero.
     gram = np.zeros((4, 4))
