@@ -190,7 +190,14 @@ def check_arrays(arrays: dict[str, np.ndarray], specs: Sequence[InputSpec], sour
 
 def _cast(array: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
     if np.issubdtype(dtype, np.floating):
-        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        if np.issubdtype(array.dtype, np.integer):
+            # Integer data for a float input is usually raw pixels that were never scaled.
+            raise DataError(
+                f"{where} has integer dtype {array.dtype}, but the model expects {dtype}",
+                f"Scale and normalise the values the way the model expects (raw 8-bit pixels, for example, "
+                f"are divided by 255), then save the array as {dtype}.",
+            )
+        if not np.issubdtype(array.dtype, np.floating):
             raise DataError(
                 f"{where} has dtype {array.dtype}, but the model expects {dtype}", f"Save the array as {dtype}."
             )

@@ -61,7 +61,7 @@ def test_npz_without_labels(tmp_path: Path) -> None:
 
 
 def test_npy_reads_single_input(tmp_path: Path) -> None:
-    array = np.arange(2 * 3 * 8 * 8, dtype=np.int64).reshape(2, 3, 8, 8)
+    array = np.arange(2 * 3 * 8 * 8, dtype=np.float64).reshape(2, 3, 8, 8) / 7.0
     np.save(tmp_path / "data.npy", array)
 
     dataset = load_dataset(tmp_path / "data.npy", [IMAGE_SPEC])
@@ -69,6 +69,15 @@ def test_npy_reads_single_input(tmp_path: Path) -> None:
     assert dataset.labels is None
     assert dataset.arrays["input"].dtype == np.float32
     np.testing.assert_array_equal(dataset.arrays["input"], array.astype(np.float32))
+
+
+def test_integer_data_for_float_input_rejected(tmp_path: Path) -> None:
+    np.save(tmp_path / "pixels.npy", np.zeros((2, 3, 8, 8), np.uint8))
+
+    with pytest.raises(DataError, match=r"integer dtype uint8, but the model expects float32") as caught:
+        load_dataset(tmp_path / "pixels.npy", [IMAGE_SPEC])
+
+    assert "divided by 255" in str(caught.value)
 
 
 def test_npy_rejects_two_inputs(tmp_path: Path) -> None:
