@@ -325,7 +325,9 @@ def run(args: argparse.Namespace) -> int:
         print(format_batch_table(reports))
     for report in reports:
         if "error" in report and not single:
-            print(f"grail-opt: error: {report['model']}: {report['error']}", file=sys.stderr)
+            # A message that already names the model file needs no prefix.
+            prefix = "" if report["model"] in report["error"] else f"{report['model']}: "
+            print(f"grail-opt: error: {prefix}{report['error']}", file=sys.stderr)
     return EXIT_SOME_FAILED if any("error" in report for report in reports) else 0
 
 

@@ -289,6 +289,9 @@ def test_batch_with_corrupt_model(tmp_path: Path, capsys: pytest.CaptureFixture[
     report = json.loads((tmp_path / "batch.json").read_text())
     assert [entry["output"] for entry in report["models"]] == [str(out_dir / "resnet20_cifar10.grail.onnx"), None]
     assert "not a valid ONNX model" in report["models"][1]["error"]
+    errors = [line for line in err.splitlines() if line.startswith("grail-opt: error: ")]
+    assert len(errors) == 1
+    assert errors[0].count(str(corrupt)) == 1
 
 
 # Rejected inputs ----------------------------------------------------------------------------
