@@ -361,6 +361,18 @@ def test_heads_kept_whole_are_not_calibrated(statistics: str):
     assert frontend.model.model.layers[0].mlp.down_proj.weight.shape == (32, 24)
 
 
+def test_exported_model_calibration_stops_at_last_tap():
+    frontend = FxFrontEnd(tiny_llama(), example(), device="cpu")
+    groups, _ = frontend.find_groups()
+    output_runs = []
+    frontend.model.lm_head.register_forward_hook(lambda *_: output_runs.append(1))
+
+    stats = frontend.calibrate(groups, token_batches())
+
+    assert output_runs == []
+    assert {stats[group.name].count for group in groups} == {3 * 2 * SEQUENCE}
+
+
 def test_sequential_statistics_run_only_the_current_model(monkeypatch):
     frontend = FxFrontEnd(tiny_llama(), example(), device="cpu")
 

@@ -86,12 +86,25 @@ class _Countdown:
             raise _TapsRecorded
 
 
-def _expected_recordings(gm: fx.GraphModule, hooked: list[str], tapped: int) -> int | None:
-    """Return how many recordings one forward pass makes: one per tap node, one per hooked call."""
+def _expected_recordings(gm: fx.GraphModule, hooked: list[ChannelGroup], tapped: int) -> int | None:
+    """Return how many recordings one forward pass makes: one per tap node, one per hooked call.
+
+    A hooked module is called once per call_module node of a symbolic_trace graph. In an
+    ATen graph from torch.export the module is gone and its weight is a get_attr node, used
+    once per call.
+    """
     calls = Counter(node.target for node in gm.graph.nodes if node.op == "call_module")
-    if any(calls[path] == 0 for path in hooked):
-        return None
-    return tapped + sum(calls[path] for path in hooked)
+    weight_uses = Counter()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            weight_uses[node.target] += len(node.users)
+    total = tapped
+    for group in hooked:
+        count = calls[_module_path(group)] or weight_uses[group.consumers[0].node]
+        if count == 0:
+            return None
+        total += count
+    return total
 
 
 def _run_until_recorded(runner, batch, device: torch.device, countdown: _Countdown) -> None:
@@ -210,7 +223,7 @@ def calibrate(
     handles = []
     taps: dict[str, list[tuple[ChannelGroup, GramAccumulator]]] = {}
     hooked = [group for group in groups if _hookable(model, group) is not None]
-    countdown = _Countdown(_expected_recordings(gm, [_module_path(g) for g in hooked], len(groups) - len(hooked)))
+    countdown = _Countdown(_expected_recordings(gm, hooked, len(groups) - len(hooked)))
     try:
         for group in groups:
             consumer = _hookable(model, group)
@@ -248,7 +261,7 @@ def _collect_rows(model: nn.Module, gm: fx.GraphModule, groups: list[ChannelGrou
     taps: dict[str, list[ChannelGroup]] = {}
 
     hooked = [group for group in groups if _hookable(model, group) is not None]
-    countdown = _Countdown(_expected_recordings(gm, [_module_path(g) for g in hooked], len(groups) - len(hooked)))
+    countdown = _Countdown(_expected_recordings(gm, hooked, len(groups) - len(hooked)))
 
     def keep(group: ChannelGroup, hidden: torch.Tensor) -> None:
         def store() -> None:
