@@ -337,6 +337,15 @@ def findings(results: dict[str, dict]) -> list[str]:
         if value(label) is not None:
             change = 100 * (value(label) - EARLIER[label]) / EARLIER[label]
             lines.append(f"- `{label}` against the earlier implementation: {EARLIER[label]:.2f} -> {value(label):.2f} ({change:+.1f}%).")
+    sequential = value("MLP 20%, wanda, ridge alpha=0, sequential statistics")
+    cross = value("MLP 20%, wanda, ridge alpha=0, cross statistics")
+    oneshot = value("MLP 20%, wanda, ridge alpha=0")
+    if None not in (sequential, cross, oneshot):
+        lines.append(
+            f"- Statistics at 20%: sequential {sequential:.2f}, one-shot {oneshot:.2f}, cross {cross:.2f}. The command "
+            f"line keeps one-shot statistics for text models, because sequential gains "
+            f"{100 * (oneshot - sequential) / oneshot:.1f}% for one calibration run per group and cross loses."
+        )
     earlier = EARLIER["MLP 20%, wanda, ridge alpha=0"]
     best = min((result["perplexity"], label) for label, result in results.items() if label.startswith("MLP 20%"))
     lines.append(
@@ -375,8 +384,10 @@ def format_page(store: Store, facts: dict, command: str, dense_parameters: int) 
         command,
         "```",
         "",
-        f"Run of {facts['date']} with grail-opt {facts['version']} on {facts['cpus']} CPU cores "
-        f"({facts['processor']}), torch {torch.__version__}. Times include the other load on the machine.",
+        f"Last run {facts['date']} with grail-opt {facts['version']} on {facts['cpus']} CPU cores "
+        f"({facts['processor']}), torch {torch.__version__}. A rerun with the same work folder measures only "
+        "the rows missing from its stored results, so rows may come from earlier runs of the same protocol. "
+        "Times include the other load on the machine.",
         "",
         "## Protocol",
         "",
@@ -393,8 +404,9 @@ def format_page(store: Store, facts: dict, command: str, dense_parameters: int) 
         "only the 30 attention-head groups. Allocation rows remove the same share of the MLP groups' "
         "parameters as the uniform rows, spread unevenly over the layers.",
         "- Rows marked sequential or cross statistics calibrate again, group by group in graph order, on the "
-        "model whose earlier groups are already compressed. Their compress time includes that calibration. Each "
-        "forward pass stops at the group's tap.",
+        "model whose earlier groups are already compressed. Their compress time includes that calibration, "
+        "while the other rows share one calibration that their time leaves out. Each forward pass stops at the "
+        "group's tap.",
         "- The `earlier run` column is an earlier implementation of the method on the same protocol.",
         "",
         markdown_table(["model", "perplexity", "earlier run", "parameters", "compress time"], rows),
