@@ -67,12 +67,15 @@ def test_page_lists_statistics_rows_and_latency(tmp_path: Path):
     store.put(label, {"perplexity": 37.5, "parameters": 100, "compress_seconds": 60.0})
     dense = {"parameters": 200, "default_ms": 10.0, "one_thread_ms": 20.0}
     small = {"parameters": 100, "perplexity": 40.0, "mlp_widths": [64], "default_ms": 5.0, "one_thread_ms": 15.0}
-    store.put("latency", {"runs": 2, "tokens": 16, "rows": {"dense": dense, "small": small}})
+    rounded = {"parameters": 90, "perplexity": 41.0, "mlp_widths": [64], "default_ms": 4.0, "one_thread_ms": 14.0}
+    latency_rows = {"dense": dense, "small": {**small, "mlp_widths": [70]}, "small, widths a multiple of 64": rounded}
+    store.put("latency", {"runs": 2, "tokens": 16, "rows": latency_rows})
     facts = {"date": "today", "version": "0", "cpus": 2, "processor": "x86_64"}
 
     page = format_page(store, facts, "python -m tools.results_smollm2 --out page.md", 200)
 
     assert f"| {label} | 37.50 | 37.31 |" in page
-    assert "| small | 64 | 100 | 40.00 | 5 | 0.50 | 15 | 0.75 |" in page
+    assert "| small | 70 | 100 | 40.00 | 5 | 0.50 | 15 | 0.75 |" in page
+    assert "- small: rounding the MLP width from 70 to 64 changed the time ratio (default threads) from 0.50 to 0.40" in page
     assert "`MLP 20%, wanda, ridge alpha=0, sequential statistics` against the earlier implementation" in page
 

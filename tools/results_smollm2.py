@@ -280,7 +280,24 @@ def latency_section(latency: dict) -> list[str]:
         "",
         markdown_table(header, table),
         "",
+        *_rounding_findings(rows),
     ]
+
+
+def _rounding_findings(rows: dict[str, dict]) -> list[str]:
+    """Compare each latency row with its twin whose widths are rounded to a multiple of 64."""
+    lines = []
+    dense = rows["dense"]["default_ms"]
+    for label, row in rows.items():
+        rounded = rows.get(f"{label}, widths a multiple of 64")
+        if rounded is None:
+            continue
+        lines.append(
+            f"- {label}: rounding the MLP width from {row['mlp_widths'][0]} to {rounded['mlp_widths'][0]} changed the "
+            f"time ratio (default threads) from {row['default_ms'] / dense:.2f} to {rounded['default_ms'] / dense:.2f} "
+            f"and the perplexity from {row['perplexity']:.2f} to {rounded['perplexity']:.2f}."
+        )
+    return [*lines, ""] if lines else []
 
 
 ONNX_CHECK_LABEL = "MLP 20%, wanda, ridge alpha=0"
