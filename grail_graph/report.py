@@ -17,7 +17,8 @@ def _percent(value: float) -> str:
 
 def format_validation(validation: dict[str, Any]) -> list[str]:
     if not validation:
-        return ["  validation: skipped"]
+        return ["  validation: skipped, because the pipeline has no 'validate' pass (--no-validate, or a --pipeline "
+                "without it); --eval data is used only by that pass"]
     lines = [f"  validation on {validation['samples']} held-out samples:"]
     if "accuracy_before" in validation:
         lines.append(

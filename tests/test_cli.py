@@ -483,6 +483,15 @@ def test_tiny_model_compresses(tiny_job: tuple[Path, Path, Path], capsys: pytest
     assert sorted(path.name for path in out_dir.iterdir()) == ["small.onnx"]
 
 
+def test_summary_says_why_validation_skipped(tiny_job: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    model, samples, out_dir = tiny_job
+
+    code, out, err = run_cli(capsys, model, "--calib", samples, "-o", out_dir / "small.onnx", "--no-validate")
+
+    assert code == 0
+    assert "validation: skipped, because the pipeline has no 'validate' pass" in out
+
+
 def test_pass_error_leaves_no_files(tiny_job: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     model, samples, out_dir = tiny_job
     pipeline = "find-groups,select{method=wanda sparsity=0.5},compensate,rewrite"
