@@ -13,7 +13,7 @@ from grail_graph.fx_frontend.frontend import FxFrontEnd
 from grail_graph.hf_models import TokenModel
 from grail_graph.passes import CompressionState, parse_pipeline, run_pipeline
 from tools import results_smollm2
-from tools.results_smollm2 import ROWS, Store, format_page, latency_section, measure_latency_rows, mlp
+from tools.results_smollm2 import ROWS, Store, format_page, latency_section, measure_latency_rows, mlp, with_fallback
 
 
 def tiny_llama() -> TokenModel:
@@ -32,6 +32,12 @@ def test_statistics_rows_calibrate_group_by_group():
 
     assert row.label == "MLP 20%, wanda, ridge alpha=0, sequential statistics"
     assert row.passes.startswith("calibrate{statistics=sequential},select{method=wanda sparsity=0.2}")
+    fallback = with_fallback(row)
+    assert fallback.label == "MLP 20%, wanda, ridge alpha=0, sequential statistics, held-out fallback"
+    assert fallback.passes == (
+        "calibrate{statistics=sequential holdout=0.125},select{method=wanda sparsity=0.2},"
+        "compensate{alpha=0 affine=false fallback=true},rewrite"
+    )
     assert len({row.label for row in ROWS}) == len(ROWS)
     for row in ROWS:
         parse_pipeline(row.passes)
@@ -65,6 +71,8 @@ def test_page_lists_statistics_rows_and_latency(tmp_path: Path):
     store.put("dense", {"perplexity": 28.82})
     label = "MLP 20%, wanda, ridge alpha=0, sequential statistics"
     store.put(label, {"perplexity": 37.5, "parameters": 100, "compress_seconds": 60.0})
+    fallback = "MLP 20%, wanda, ridge alpha=0, cross statistics, held-out fallback"
+    store.put(fallback, {"perplexity": 39.0, "parameters": 100, "compress_seconds": 90.0, "fallbacks": 4, "width": 30 * 1536})
     dense = {"parameters": 200, "default_ms": 10.0, "one_thread_ms": 20.0}
     small = {"parameters": 100, "perplexity": 40.0, "mlp_widths": [64], "default_ms": 5.0, "one_thread_ms": 15.0}
     rounded = {"parameters": 90, "perplexity": 41.0, "mlp_widths": [64], "default_ms": 4.0, "one_thread_ms": 14.0}
@@ -78,4 +86,5 @@ def test_page_lists_statistics_rows_and_latency(tmp_path: Path):
     assert "| small | 70 | 100 | 40.00 | 5 | 0.50 | 15 | 0.75 |" in page
     assert "- small: rounding the MLP width from 70 to 64 changed the time ratio (default threads) from 0.50 to 0.40" in page
     assert "`MLP 20%, wanda, ridge alpha=0, sequential statistics` against the earlier implementation" in page
+    assert "- With the held-out fallback, 4 of the 30 MLP groups kept plain slicing" in page
 
