@@ -50,10 +50,16 @@ def test_spec_names():
     assert spec_stem("dir/net.pt") == "net"
 
 
-def test_saved_module_compresses_to_onnx(tmp_path, calib):
+def save_small_net(folder):
+    """Save a seeded SmallNet as a whole module and return its path."""
     torch.manual_seed(0)
-    model_path = tmp_path / "net.pt"
+    model_path = folder / "net.pt"
     torch.save(SmallNet().eval(), model_path)
+    return model_path
+
+
+def test_saved_module_compresses_to_onnx(tmp_path, calib):
+    model_path = save_small_net(tmp_path)
     output = tmp_path / "small.onnx"
 
     code, report = _run([str(model_path), "--calib", str(calib), "--sparsity", "0.5", "-o", str(output)], tmp_path)
@@ -71,10 +77,13 @@ def test_validated_export_is_written_once(tmp_path, calib, monkeypatch):
 
     exports = []
     save = FxFrontEnd.save
-    monkeypatch.setattr(FxFrontEnd, "save", lambda self, path: exports.append(path) or save(self, path))
-    torch.manual_seed(0)
-    model_path = tmp_path / "net.pt"
-    torch.save(SmallNet().eval(), model_path)
+
+    def counted_save(self, path):
+        exports.append(path)
+        return save(self, path)
+
+    monkeypatch.setattr(FxFrontEnd, "save", counted_save)
+    model_path = save_small_net(tmp_path)
     output = tmp_path / "small.onnx"
 
     code, report = _run([str(model_path), "--calib", str(calib), "--sparsity", "0.5", "-o", str(output)], tmp_path)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from grail_graph.core import GramAccumulator, kept_width, prune_map, relative_reconstruction_error, wanda_scores, top_k
-from tools.benchmark_resnet import markdown_table, write_atomically
+from tools.benchmark_resnet import markdown_table, page_header, write_atomically
 
 SPARSITY = 0.2
 ROWS_PER_BATCH = 2048
@@ -102,14 +102,7 @@ def format_page(measurements: list[Measurement], command: str) -> str:
         for m in measurements
     ]
     return "\n".join([
-        "# Memory and time of one group at language-model widths",
-        "",
-        "Regenerate with:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *page_header("Memory and time of one group at language-model widths", command),
         f"Run of {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} CPU cores "
         f"({platform.processor() or platform.machine()}), numpy {np.__version__}. Times depend on the other load "
         "on the machine.",

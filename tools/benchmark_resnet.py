@@ -698,6 +698,11 @@ def load_average() -> str:
 # Report ---------------------------------------------------------------------------------
 
 
+def page_header(title: str, command: str) -> list[str]:
+    """Return the first lines of a generated page: its title and the command that regenerates it."""
+    return [f"# {title}", "", "Regenerate with:", "", "```", command, "```", ""]
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> str:
     """Format a Markdown table.
 

@@ -36,7 +36,7 @@ import onnxruntime as ort
 from grail_graph.cli import main as grail_main
 from grail_graph.driver import tool_version
 from grail_graph.onnx_frontend.model_io import PROTOBUF_LIMIT_BYTES
-from tools.benchmark_resnet import markdown_table, write_atomically
+from tools.benchmark_resnet import markdown_table, page_header, write_atomically
 
 logger = logging.getLogger("tools.check_large_onnx")
 
@@ -118,14 +118,7 @@ def format_page(result: dict, command: str) -> str:
     groups = report["groups"]
     compressed = sum(group["kept"] < group["width"] for group in groups)
     lines = [
-        "# An ONNX model above the 2 GiB protobuf limit",
-        "",
-        "Regenerate with:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *page_header("An ONNX model above the 2 GiB protobuf limit", command),
         f"Run of {result['date']} with grail-opt {result['version']} on {os.cpu_count()} CPU cores "
         f"({platform.machine()}), onnxruntime {ort.__version__}, onnx {onnx.__version__}.",
         "",

@@ -45,7 +45,7 @@ from grail_graph.fx_frontend.frontend import FxFrontEnd
 from grail_graph.hf_models import load_hf, load_tokenizer
 from grail_graph.passes import CompressionState, parse_pipeline, run_pipeline
 from grail_graph.text import perplexity, random_windows, read_text, sequential_windows, tokenize, torch_logits
-from tools.benchmark_resnet import markdown_table, write_atomically
+from tools.benchmark_resnet import markdown_table, page_header, write_atomically
 
 logger = logging.getLogger("tools.results_smollm2")
 
@@ -410,14 +410,7 @@ def format_page(store: Store, facts: dict, command: str, dense_parameters: int) 
             f"{result['compress_seconds']:.0f} s",
         ])  # fmt: skip
     lines = [
-        "# Results on SmolLM2-135M (WikiText-2 perplexity)",
-        "",
-        "Regenerate with:",
-        "",
-        "```",
-        command,
-        "```",
-        "",
+        *page_header("Results on SmolLM2-135M (WikiText-2 perplexity)", command),
         f"Last run {facts['date']} with grail-opt {facts['version']} on {facts['cpus']} CPU cores "
         f"({facts['processor']}), torch {torch.__version__}. A rerun with the same work folder measures only "
         "the rows missing from its stored results, so rows may come from earlier runs of the same protocol. "
