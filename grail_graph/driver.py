@@ -256,20 +256,18 @@ def compress_file(model_spec: str | Path, output_path: str | Path, options: JobO
 def _write_output(frontend, exported: list[Path], output_path: Path) -> list[Path]:
     """Write the compressed model to `output_path` and return the files written.
 
-    A PyTorch model's ONNX export takes minutes for a language model, so a single file
-    that the validate pass exported from the final model is copied instead of exporting
-    again. The copy goes to a temporary file beside the output, then is renamed into place.
+    The ONNX export of a PyTorch model takes about a minute for SmolLM2-135M on two cores,
+    so a single file that the validate pass exported from the final model is copied instead
+    of exporting again. As in `save_model`, the copy goes to a temporary folder beside the
+    output and is renamed into place.
     """
     if len(exported) != 1:
         return frontend.save(output_path)
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=output_path.parent, prefix=".grail-tmp-", suffix=".onnx", delete=False) as handle:
-        temporary = Path(handle.name)
-    try:
+    with tempfile.TemporaryDirectory(dir=output_path.parent, prefix=".grail-tmp-") as folder:
+        temporary = Path(folder) / output_path.name
         shutil.copyfile(exported[0], temporary)
         os.replace(temporary, output_path)
-    finally:
-        temporary.unlink(missing_ok=True)
     return [output_path]
 
 
