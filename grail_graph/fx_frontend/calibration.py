@@ -67,22 +67,22 @@ class _Countdown:
     """Count recordings within one batch and end the forward pass after the last one.
 
     `expected` is the number of recordings one forward pass makes, or None when it is not
-    known (a hooked module the traced graph does not call by name), in which case every
-    pass runs to the end.
+    known (a hooked module whose calls the traced graph does not show). Then every pass runs
+    to the end.
     """
 
     def __init__(self, expected: int | None) -> None:
         self.expected = expected
-        self.left = expected
+        self.remaining = expected
 
     def start(self) -> None:
-        self.left = self.expected
+        self.remaining = self.expected
 
     def tick(self) -> None:
-        if self.left is None:
+        if self.remaining is None:
             return
-        self.left -= 1
-        if self.left == 0:
+        self.remaining -= 1
+        if self.remaining == 0:
             raise _TapsRecorded
 
 
